@@ -1,0 +1,94 @@
+"""Samples for torch: shard reading (clipbd.data.shards) + decoding + on-the-fly poisoning.
+
+Pipeline, in this order:
+  1. shard order  — shuffled per epoch for training (seeded), index order otherwise;
+  2. split shards — across dataloader workers (each reads whole shards, so a sample's global index
+                    is its shard offset plus its position, with no key lookup);
+  3. read + decode — one tar member group -> PIL image + caption (errors name shard and key);
+  4. to tensor     — resize/crop to the model's resolution, [0, 1] floats;
+  5. poison        — if the global index is in the plan: trigger on pixels, caption replaced;
+                    after resizing so a patch is the same pixels for every source resolution;
+  6. shuffle buffer — training only, seeded per epoch.
+Normalisation happens on the batch, after collation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from clipbd.attacks.plan import PoisonLookup
+from clipbd.data.shards import ShardIndex, decode_image, iter_shard
+
+
+class ShardDataset(IterableDataset):
+    """Yields dicts {index, key, image [3,H,W], caption, poisoned, meta-label} from `shard_ids`."""
+
+    def __init__(self, index: ShardIndex, shard_ids: Sequence[int], to_tensor: Callable,
+                 lookup: PoisonLookup | None = None, attack: Any = None, *, shuffle_seed: int | None = None,
+                 buffer: int = 0, label_key: str | None = None):
+        self.index, self.shard_ids = index, list(shard_ids)
+        self.to_tensor, self.lookup, self.attack = to_tensor, lookup, attack
+        self.shuffle_seed, self.buffer, self.label_key = shuffle_seed, buffer, label_key
+
+    def _my_shards(self) -> list[int]:
+        ids = list(self.shard_ids)
+        if self.shuffle_seed is not None:
+            np.random.default_rng(self.shuffle_seed).shuffle(ids)
+        wi = get_worker_info()
+        return ids if wi is None else ids[wi.id::wi.num_workers]
+
+    def _samples(self) -> Iterator[dict]:
+        offsets = self.index.offsets
+        for sid in self._my_shards():
+            path = self.index.shards[sid]
+            for s in iter_shard(path):
+                gidx = int(offsets[sid] + s.pos)
+                img = self.to_tensor(decode_image(s.image, f"{path}:{s.key}"))
+                caption, poisoned = s.caption, False
+                entry = self.lookup.get(gidx) if self.lookup is not None else None
+                if entry is not None:
+                    img, caption = self.attack.apply(img, caption, entry)
+                    poisoned = True
+                item = {"index": gidx, "key": s.key, "image": img, "caption": caption, "poisoned": poisoned}
+                if self.label_key is not None:
+                    item["label"] = int(s.meta.get(self.label_key, -1))
+                yield item
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.buffer <= 1 or self.shuffle_seed is None:
+            yield from self._samples()
+            return
+        wi = get_worker_info()
+        rng = np.random.default_rng([self.shuffle_seed, 0 if wi is None else wi.id])
+        buf: list[dict] = []
+        for item in self._samples():  # reservoir-style shuffle buffer (as webdataset's .shuffle)
+            if len(buf) < self.buffer:
+                buf.append(item)
+                continue
+            j = rng.integers(len(buf))
+            buf[j], item = item, buf[j]
+            yield item
+        rng.shuffle(buf)
+        yield from buf
+
+
+def make_loader(ds: ShardDataset, batch_size: int, workers: int = 0, drop_last: bool = False) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, num_workers=workers, drop_last=drop_last,
+                      collate_fn=_collate, persistent_workers=False)
+
+
+def _collate(items: list[dict]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+        "key": [it["key"] for it in items],
+        "image": torch.stack([it["image"] for it in items]),
+        "caption": [it["caption"] for it in items],
+        "poisoned": torch.tensor([it["poisoned"] for it in items], dtype=torch.bool),
+    }
+    if "label" in items[0]:
+        out["label"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
+    return out

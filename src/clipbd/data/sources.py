@@ -1,0 +1,61 @@
+"""What the stages need to know about the dataset of a run: its index, test shards, class names and
+prompt source (`dataset.prompts`, a `_target_` callable: fn(class_name, n=..., seed=...) -> prompts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from clipbd.data.shards import ShardIndex
+from clipbd.registry import ConfigError, build
+from clipbd.utils import read_json
+
+
+def load_index(cfg: DictConfig) -> ShardIndex:
+    path = Path(cfg.run_dir) / "data_index.h5"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the data stage first (stages=[data,...])")
+    return ShardIndex.load(path)
+
+
+def test_shards(cfg: DictConfig) -> list[str]:
+    return list(read_json(Path(cfg.run_dir) / "data.json")["test_shards"])
+
+
+def _world(cfg: DictConfig):
+    from clipbd.data.synthetic import world_from_dict
+
+    return world_from_dict(OmegaConf.to_container(cfg.dataset.synthetic.world, resolve=True))
+
+
+def class_names(cfg: DictConfig) -> list[str]:
+    classes = cfg.dataset.classes
+    if classes is None and cfg.dataset.synthetic is not None:
+        return list(_world(cfg).classes)
+    if classes == "imagenet":
+        from clipbd.models.zeroshot import imagenet_classes
+
+        return imagenet_classes()
+    if classes is None:
+        raise ConfigError("dataset.classes is not set: list the zero-shot class names, or 'imagenet'")
+    return list(classes)
+
+
+def prompt_fn(cfg: DictConfig) -> Callable[..., list[str]]:
+    """fn(class_name, n, seed) -> prompts written the way the dataset's captions are."""
+    node = cfg.dataset.prompts
+    if node is None:
+        raise ConfigError("dataset.prompts is not set: a `_target_` prompt source is needed for zero-shot "
+                          "evaluation and target captions")
+    return build(node, "dataset.prompts", _partial_=True)
+
+
+def synthetic_prompts(class_name: str, n: int = 64, seed: int = 0, *, world: dict) -> list[str]:
+    """Prompt source of the synthetic dataset: captions in the training templates."""
+    from clipbd.data.synthetic import world_from_dict, zeroshot_prompts
+
+    return zeroshot_prompts(class_name, world_from_dict(dict(world)), n=n, seed=seed)
+
+

@@ -1,0 +1,30 @@
+"""Config face of the neighbourhood detectors (conf/detector/{dao,slof,kdist,lid}.yaml).
+
+A `Neighbourhood` names one method of `clipbd.detectors.knn.knn_scores`; the extract stage groups
+detectors that share (k, convention) so one distance computation serves all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+METHODS = ("kdist", "lid", "lid_mom", "slof", "dao")
+
+
+@dataclass(frozen=True)
+class Neighbourhood:
+    method: str
+    k: int = 16
+    convention: str = "textbook"  # textbook | faithful (the published code's arithmetic)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"detector method={self.method!r}: must be one of {', '.join(METHODS)}")
+        if self.k < 1:
+            raise ValueError(f"detector k={self.k}: k must be ≥ 1")
+        if self.convention not in ("textbook", "faithful"):
+            raise ValueError(f"detector convention={self.convention!r}: must be textbook or faithful")
+
+    @property
+    def group(self) -> tuple[int, str]:
+        return (self.k, self.convention)

@@ -1,0 +1,125 @@
+"""open_clip models by name (RN50, ViT-B-32, ...) or from an architecture given in config.
+
+Nothing is downloaded: models are built with `pretrained=None`; weights come only from a local
+checkpoint file (`model.checkpoint`), loaded with `weights_only=True` so no pickled code runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import open_clip
+import torch
+import torchvision.transforms as T
+from omegaconf import DictConfig, OmegaConf
+
+from clipbd.registry import ConfigError
+
+log = logging.getLogger("clipbd")
+
+
+@dataclass
+class ClipBundle:
+    model: torch.nn.Module
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def to_tensor(self) -> Callable:
+        """PIL image -> float tensor [3, H, W] in [0, 1] at the model's resolution (triggers are
+        applied here, before normalisation, so a patch means the same pixels for any model)."""
+        return T.Compose([
+            T.Resize(self.image_size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(self.image_size),
+            T.ToTensor(),
+        ])
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [0, 1] -> normalised model input."""
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+
+def _register_arch(name: str, arch: dict[str, Any]) -> None:
+    """Make `arch` (an open_clip model config: embed_dim, vision_cfg, text_cfg) known as `name`."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / f"{name}.json"
+        path.write_text(json.dumps(arch))
+        open_clip.add_model_config(path)
+
+
+def create(mcfg: DictConfig, device: str = "cpu", checkpoint: str | Path | None = None) -> ClipBundle:
+    """Build `model.name` (registering `model.arch` first if given) and load `checkpoint`
+    (default: `model.checkpoint`)."""
+    name = mcfg.name
+    checkpoint = checkpoint or mcfg.checkpoint
+    if mcfg.arch is not None:
+        _register_arch(name, OmegaConf.to_container(mcfg.arch, resolve=True))
+    if name not in open_clip.list_models():
+        raise ConfigError(f"model.name={name}: not an open_clip architecture and no model.arch given; "
+                          f"e.g. RN50, ViT-B-32, ViT-B-16 (see open_clip.list_models())")
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # silence "no pretrained weights"
+    model = open_clip.create_model(name, pretrained=None, device=device, output_dict=True)
+    if checkpoint:
+        load_weights(model, checkpoint)
+    pcfg = model.visual.preprocess_cfg
+    size = pcfg["size"] if isinstance(pcfg["size"], int) else pcfg["size"][0]
+    return ClipBundle(model=model, tokenizer=open_clip.get_tokenizer(name), image_size=int(size),
+                      mean=tuple(pcfg["mean"]), std=tuple(pcfg["std"]))
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A model state dict from a clipbd checkpoint, an open_clip training checkpoint
+    (`{"state_dict": ...}`, DDP `module.` prefixes), a bare state dict, or a .safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (model.checkpoint=...)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
+        raise ConfigError(f"checkpoint {path}: cannot be read as weights only ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]}); clipbd never executes pickled code") from None
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ConfigError(f"checkpoint {path}: no model state dict found (keys: {list(obj)[:8]})")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> None:
+    sd = read_state_dict(path)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"checkpoint {path} does not fit model.name: {len(missing)} missing keys "
+                          f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}); "
+                          f"is model.name the architecture it was trained with?")
+    log.info("loaded weights from %s", path)
+
+
+def create_trained(cfg: DictConfig, device: str = "cpu") -> ClipBundle:
+    """The model a run's later stages use: its own `checkpoints/latest.pt` if pretraining ran,
+    else `model.checkpoint` (scanning with an existing model)."""
+    latest = Path(cfg.run_dir) / "checkpoints" / "latest.pt"
+    if latest.exists():
+        ckpt = latest
+    elif cfg.model.checkpoint:
+        ckpt = cfg.model.checkpoint
+    else:
+        raise ConfigError("no trained model: run the pretrain stage, or set model.checkpoint=<file> "
+                          "(a clipbd or open_clip checkpoint of architecture model.name)")
+    bundle = create(cfg.model, device=device, checkpoint=ckpt)
+    bundle.model.eval()
+    return bundle

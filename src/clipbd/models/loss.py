@@ -1,0 +1,22 @@
+"""The CLIP contrastive loss over the global batch (features gathered across ranks by dist.py)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from clipbd import dist
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE of Radford et al. (2021) on unit-norm features [n_local, D].
+
+    Every rank builds the full [N, N] logits from the gathered features; only its own rows carry
+    gradient, and DDP averages gradients over ranks, so the loss is scaled by the world size to make
+    the update identical to one process holding the whole global batch."""
+    all_img = dist.all_gather_cat(image_features)  # [N, D]
+    all_txt = dist.all_gather_cat(text_features)  # [N, D]
+    logits = logit_scale * all_img @ all_txt.T  # [N, N]
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    return loss * dist.world()

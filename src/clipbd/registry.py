@@ -1,0 +1,44 @@
+"""Building `_target_` plug-in nodes (attacks, detectors, prompt sources) in one place.
+
+The config group is the registry: `conf/detector/dao.yaml` names its callable with `_target_`; this
+module instantiates it and turns a wrong key into one line naming the node, the key and the valid
+ones (Hydra's own message is a multi-line traceback).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key, the value and the fix."""
+
+
+def check_node(node: DictConfig | dict, where: str) -> None:
+    """Raise ConfigError if `node`'s keys do not bind to its `_target_`'s signature."""
+    d = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    target = d.pop("_target_", None)
+    d.pop("_partial_", None)
+    if target is None:
+        raise ConfigError(f"{where}: missing `_target_`")
+    try:
+        fn = get_object(target)
+    except Exception as e:  # noqa: BLE001 - hydra raises several types here
+        raise ConfigError(f"{where}._target_={target}: cannot import it ({e})") from None
+    sig = inspect.signature(fn)
+    params = sig.parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = [k for k in d if k not in params]
+    if unknown:
+        valid = ", ".join(k for k, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} for {target}; valid keys: {valid}")
+
+
+def build(node: DictConfig | dict, where: str, **kwargs: Any) -> Any:
+    check_node(node, where)
+    return instantiate(node, **kwargs)

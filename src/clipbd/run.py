@@ -1,0 +1,147 @@
+"""`python -m clipbd.run [+experiment=NAME] [key=value ...]`: compose the config, then run the stages.
+
+With no arguments it runs the embedded default experiment (synthetic data, tiny CLIP, BadNets at
+1%, in-batch DAO/SLOF/k-distance/LID). `hydra.run.dir=DIR` picks the run directory; re-running the
+same directory skips stages whose outputs are complete; `stages=[extract,reduce]` runs a subset.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+from difflib import get_close_matches
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from clipbd import dist, tracking
+from clipbd.config import STAGE_ORDER, register_configs
+from clipbd.registry import ConfigError
+from clipbd.utils import git_revision, set_progress_mode, write_json
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+log = logging.getLogger("clipbd")
+register_configs()
+
+
+def _setup_logging(cfg: DictConfig, run_dir: Path) -> None:
+    level = getattr(logging, str(cfg.logging.level).upper(), logging.INFO)
+    log.setLevel(level)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    fmt = logging.Formatter("[%(asctime)s clipbd] %(message)s", "%H:%M:%S")
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(fmt)
+    log.addHandler(stream)
+    if dist.is_main():
+        file = logging.FileHandler(run_dir / "run.log")
+        file.setFormatter(fmt)
+        log.addHandler(file)
+    set_progress_mode(cfg.logging.progress)
+
+
+def run(cfg: DictConfig) -> Path:
+    """Run the selected stages in order in `cfg.run_dir`; returns the run directory."""
+    run_dir = Path(cfg.run_dir).resolve()
+    OmegaConf.update(cfg, "run_dir", str(run_dir), merge=False)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    info = dist.init(cfg.device)
+    _setup_logging(cfg, run_dir)
+    unknown = [s for s in cfg.stages if s not in STAGE_ORDER]
+    if unknown:
+        raise ConfigError(f"stages: unknown stage(s) {unknown}; valid: {list(STAGE_ORDER)}")
+    if dist.is_main():
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        write_json(run_dir / "meta.json", {"git": git_revision(), "argv": sys.argv,
+                                           "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "world": info.world})
+    log.info("run dir %s (device %s, world %d)", run_dir, info.device, info.world)
+    from clipbd import runstate  # imported late: stage modules import torch/open_clip
+
+    with tracking.start(cfg):
+        timings = {}
+        for name in STAGE_ORDER:
+            if name in cfg.stages:
+                t0 = time.time()
+                runstate.run_stage(cfg, name)
+                timings[f"time/{name}_s"] = round(time.time() - t0, 2)
+        tracking.log_run_results(cfg, timings)
+    return run_dir
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except (ConfigError, FileNotFoundError) as e:
+        _die(str(e))
+    except Exception as e:  # noqa: BLE001 - data errors carry their own one-line message
+        if type(e).__name__ == "DataError":
+            _die(str(e))
+        raise
+    finally:
+        dist.shutdown()
+
+
+def _die(msg: str, code: int = 2) -> None:
+    print(f"clipbd: error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+# ---------------------------------------------------------------- composition errors, in one line
+def _one_line_composition_error(e: BaseException) -> str:
+    """Hydra explains composition failures over several lines and chained exceptions; find the
+    bad key (or group option) and say it once, with the closest valid spelling."""
+    msgs = []
+    while e is not None:
+        msgs.append(str(e))
+        e = e.__cause__ or e.__context__
+    text = "\n".join(msgs)
+    full = re.search(r"full_key: (\S+)", text)
+    key = re.search(r"Key '([^']+)' (?:is )?not in", text)
+    if key:
+        name = full.group(1) if full else key.group(1)
+        return f"unknown config key '{name}'{_suggest(name)}"
+    missing = re.search(r"Could not find '([^']+)'", text)
+    if missing:
+        opts = re.search(r"Available options:\s*((?:\n\s+\S+)+)", text)
+        avail = ", ".join(opts.group(1).split()) if opts else ""
+        return f"no config '{missing.group(1)}'" + (f"; available: {avail}" if avail else "")
+    return " ".join(text.split("\n")[0:2]).strip()
+
+
+def _suggest(full_key: str) -> str:
+    from hydra import compose, initialize_config_dir
+
+    parent, _, leaf = full_key.rpartition(".")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    keys = list(node.keys()) if isinstance(node, DictConfig) else []
+    close = get_close_matches(leaf, keys, n=1)
+    return f" (did you mean '{(parent + '.') if parent else ''}{close[0]}'?)" if close else ""
+
+
+def _precheck(overrides: list[str]) -> None:
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        compose(config_name="config", overrides=overrides)
+
+
+def cli() -> None:
+    args = sys.argv[1:]
+    hydra_flags = any(a.startswith("-") for a in args)  # --help, -m, --cfg, ...: Hydra handles them
+    if not hydra_flags:
+        try:
+            _precheck([a for a in args if not a.startswith("hydra.") and not a.startswith("hydra/")])
+        except Exception as e:  # noqa: BLE001 - any composition failure is the user's config
+            _die(_one_line_composition_error(e))
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,83 @@
+"""Which stages of a run directory are complete, and whether they still match the config.
+
+A finished stage leaves `<run_dir>/stages/<name>.json`: a key (hash of the config sections the stage
+reads plus its upstream stages' keys), the outputs it produced, timing and the git revision. A stage
+whose marker has the current key and whose outputs all exist is skipped; a changed config changes
+the key, so that stage and everything downstream of it runs again.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from clipbd import dist
+from clipbd.config import STAGE_ORDER
+from clipbd.utils import git_revision, read_json, stable_hash, write_json
+
+log = logging.getLogger("clipbd")
+
+
+def stage_module(name: str) -> Any:
+    if name not in STAGE_ORDER:
+        raise ValueError(f"stages: unknown stage {name!r}; valid stages: {', '.join(STAGE_ORDER)}")
+    return importlib.import_module(f"clipbd.stages.{name}")
+
+
+def marker_path(run_dir: str | Path, name: str) -> Path:
+    return Path(run_dir) / "stages" / f"{name}.json"
+
+
+def read_marker(run_dir: str | Path, name: str) -> dict | None:
+    p = marker_path(run_dir, name)
+    return read_json(p) if p.exists() else None
+
+
+def _select(cfg: DictConfig, key: str) -> Any:
+    node = OmegaConf.select(cfg, key)
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def stage_key(cfg: DictConfig, name: str) -> str:
+    """Hash of what stage `name` reads: its config sections and its upstream stages' keys."""
+    mod = stage_module(name)
+    parts: dict[str, Any] = {k: _select(cfg, k) for k in mod.DEPENDS}
+    for up in mod.UPSTREAM:
+        marker = read_marker(cfg.run_dir, up)
+        parts[f"stage:{up}"] = marker["key"] if marker else None
+    return stable_hash(parts)
+
+
+def is_complete(cfg: DictConfig, name: str) -> bool:
+    marker = read_marker(cfg.run_dir, name)
+    if marker is None or marker.get("key") != stage_key(cfg, name):
+        return False
+    return all(Path(p).exists() for p in marker.get("outputs", {}).values())
+
+
+def run_stage(cfg: DictConfig, name: str) -> dict[str, Path]:
+    mod = stage_module(name)
+    if name not in cfg.force and is_complete(cfg, name):
+        log.info("stage %-8s complete, skipped (outputs match the config; force=[%s] re-runs it)", name, name)
+        return {k: Path(v) for k, v in read_marker(cfg.run_dir, name)["outputs"].items()}
+    log.info("stage %-8s running", name)
+    t0 = time.time()
+    outputs = mod.main(cfg) or {}
+    seconds = time.time() - t0
+    if dist.is_main():
+        write_json(marker_path(cfg.run_dir, name), {
+            "stage": name,
+            "key": stage_key(cfg, name),
+            "outputs": {k: str(v) for k, v in outputs.items()},
+            "seconds": round(seconds, 3),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "git": git_revision(),
+        })
+    dist.barrier()
+    log.info("stage %-8s done in %.1f s", name, seconds)
+    return outputs

@@ -1,0 +1,141 @@
+"""Stage `pretrain`: contrastive pretraining of an open_clip model on the (poisoned) training shards.
+
+AdamW (no weight decay on gains, biases and the logit scale, as OpenCLIP), linear warmup then cosine
+decay per step, a checkpoint at the end of every epoch (`checkpoints/epoch_N.pt`, `latest.pt`), and
+resumption from `latest.pt` when the stage is re-run after an interruption.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from clipbd import dist, tracking
+from clipbd.attacks.plan import PoisonLookup
+from clipbd.data.loader import ShardDataset, make_loader
+from clipbd.data.sources import load_index
+from clipbd.models import factory
+from clipbd.models.loss import clip_loss
+from clipbd.registry import ConfigError
+from clipbd.runstate import stage_key
+from clipbd.stages.poison import build_attack
+from clipbd.utils import derive_seed, progress
+
+DEPENDS = ("model", "train", "seed")
+UPSTREAM = ("data", "poison")
+log = logging.getLogger("clipbd")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (OpenCLIP's rule: not on gains, biases, norms, logit_scale)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exclude = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        (no_decay if exclude else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
+    """Linear warmup to `base_lr` over `warmup` steps, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress_ = (step - warmup) / max(1, total - warmup)
+    return 0.5 * base_lr * (1 + math.cos(math.pi * min(1.0, progress_)))
+
+
+def _resume(ckpt_dir: Path, key: str, model, opt) -> int:
+    """Load `latest.pt` if it belongs to this config; returns the first epoch still to train."""
+    latest = ckpt_dir / "latest.pt"
+    if not latest.exists():
+        return 0
+    state = torch.load(latest, map_location="cpu", weights_only=True)
+    if state.get("stage_key") != key:
+        raise ConfigError(f"{ckpt_dir} holds checkpoints of a different pretraining config; use a new "
+                          f"hydra.run.dir, or delete {ckpt_dir} to start over")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    log.info("resuming from %s (epoch %d done)", latest, state["epoch"])
+    return int(state["epoch"])
+
+
+def _save(ckpt_dir: Path, epoch: int, key: str, cfg: DictConfig, model, opt) -> Path:
+    path = ckpt_dir / f"epoch_{epoch}.pt"
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                "stage_key": key, "name": cfg.model.name}, tmp)
+    tmp.replace(path)
+    shutil.copyfile(path, ckpt_dir / ".latest.pt.tmp")
+    (ckpt_dir / ".latest.pt.tmp").replace(ckpt_dir / "latest.pt")
+    return path
+
+
+def main(cfg: DictConfig) -> dict[str, Path]:
+    tc, info = cfg.train, dist.info()
+    ckpt_dir = Path(cfg.run_dir) / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    key = stage_key(cfg, "pretrain")
+    torch.manual_seed(derive_seed(cfg.seed, "init"))
+    bundle = factory.create(cfg.model, device=info.device)
+    model = bundle.model
+    index = load_index(cfg)
+    lookup = PoisonLookup.load(Path(cfg.run_dir) / "poison_plan.json")
+    attack = build_attack(cfg)
+    if tc.batch_size % info.world:
+        raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by the {info.world} ranks")
+    local_bs = tc.batch_size // info.world
+    steps_per_epoch = len(index) // tc.batch_size
+    if steps_per_epoch < 1:
+        raise ConfigError(f"train.batch_size={tc.batch_size} exceeds the {len(index)} training samples")
+    total = steps_per_epoch * tc.epochs
+    opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
+    ddp = model if info.world == 1 else torch.nn.parallel.DistributedDataParallel(model)
+    start = _resume(ckpt_dir, key, model, opt)
+    use_amp = cfg.model.precision in ("amp", "bf16") and info.device.startswith("cuda")
+    amp_dtype = torch.bfloat16 if cfg.model.precision == "bf16" else torch.float16
+    shard_ids = list(range(len(index.shards)))[info.rank::info.world]
+    for epoch in range(start, tc.epochs):
+        ds = ShardDataset(index, shard_ids, bundle.to_tensor(), lookup, attack,
+                          shuffle_seed=derive_seed(cfg.seed, f"shuffle/{epoch}"), buffer=tc.shuffle_buffer)
+        loader = make_loader(ds, local_bs, tc.workers, drop_last=True)
+        model.train()
+        t0, losses = time.time(), []
+        bar = progress(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False)
+        for i, batch in enumerate(bar):
+            if i >= steps_per_epoch:
+                break
+            step = epoch * steps_per_epoch + i
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, tc.lr, tc.warmup_steps, total)
+            images = bundle.normalize(batch["image"].to(info.device, non_blocking=True))
+            texts = bundle.tokenizer(batch["caption"]).to(info.device, non_blocking=True)
+            with torch.autocast(device_type="cuda", dtype=amp_dtype, enabled=use_amp):
+                out = ddp(images, texts)
+                loss = clip_loss(out["image_features"].float(), out["text_features"].float(), out["logit_scale"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            losses.append(loss.item() / info.world)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if step % tc.log_every == 0:
+                tracking.log({"train/loss": losses[-1], "train/lr": opt.param_groups[0]["lr"],
+                              "train/logit_scale": model.logit_scale.exp().item()}, step=step)
+        mean_loss = sum(losses) / max(1, len(losses))
+        log.info("epoch %d/%d  loss %.4f  %.1f s", epoch + 1, tc.epochs, mean_loss, time.time() - t0)
+        tracking.log({"train/epoch_loss": mean_loss, "train/epoch": epoch + 1}, step=(epoch + 1) * steps_per_epoch - 1)
+        if dist.is_main():
+            _save(ckpt_dir, epoch + 1, key, cfg, model, opt)
+        dist.barrier()
+    return {"checkpoint": ckpt_dir / "latest.pt"}

@@ -1,0 +1,134 @@
+"""Stage `reduce`: merge the extraction groups into `scores.h5` (one dataset per detector, indexed by
+global sample index), check that every sample is there exactly once, compute detection metrics
+(AUROC, AUPRC, FPR at 95% TPR) against the poison plan, write `ranked.csv` (most suspicious first)
+and the ROC / score-histogram plots.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import h5py
+import numpy as np
+from omegaconf import DictConfig
+
+from clipbd import dist
+from clipbd.attacks.plan import PoisonLookup
+from clipbd.data.sources import load_index
+from clipbd.metrics import detection_metrics
+from clipbd.plots import roc_plot, score_histograms
+from clipbd.stages.extract import group_paths
+from clipbd.utils import atomic_path, read_json, write_json
+
+DEPENDS = ("detector",)
+UPSTREAM = ("data", "poison", "extract")
+log = logging.getLogger("clipbd")
+
+
+class CoverageError(RuntimeError):
+    pass
+
+
+def _describe(indices: np.ndarray, index) -> str:
+    shard_ids, _ = index.locate(indices[:20])
+    where = sorted({Path(index.shards[s]).name for s in shard_ids})
+    return f"{len(indices)} (first: {indices[:10].tolist()}; in shards {', '.join(where[:5])})"
+
+
+def gather(cfg: DictConfig, index) -> dict:
+    """Concatenate all extraction groups; refuse if a group, a sample, or uniqueness is missing."""
+    groups = group_paths(cfg, len(index.shards))
+    missing = [(p, ids) for p, ids in groups if not p.exists()]
+    if missing:
+        names = ", ".join(p.name for p, _ in missing[:5])
+        shards = [Path(index.shards[i]).name for _, ids in missing for i in ids]
+        raise CoverageError(f"reduce: {len(missing)} of {len(groups)} extraction files missing ({names}"
+                            f"{', ...' if len(missing) > 5 else ''}) covering shards {', '.join(shards[:8])}"
+                            f"{', ...' if len(shards) > 8 else ''}; re-run with stages=[extract,reduce]")
+    cols: dict[str, list] = {}
+    for p, _ in groups:
+        with h5py.File(p, "r") as f:
+            names = ["index", "key", "caption"] + [f"scores/{n}" for n in f.get("scores", {})]
+            for n in names:
+                cols.setdefault(n, []).append(f[n][()])
+    merged = {n: np.concatenate(v) for n, v in cols.items()}
+    idx = merged["index"]
+    n = len(index)
+    counts = np.bincount(idx, minlength=n) if len(idx) else np.zeros(n, dtype=np.int64)
+    if len(counts) > n:
+        raise CoverageError(f"reduce: sample indices beyond the dataset size {n}: {np.nonzero(counts[n:])[0][:10] + n}")
+    if (counts == 0).any():
+        raise CoverageError(f"reduce: samples missing from extraction: {_describe(np.nonzero(counts == 0)[0], index)}")
+    if (counts > 1).any():
+        raise CoverageError(f"reduce: samples extracted more than once: {_describe(np.nonzero(counts > 1)[0], index)}")
+    order = np.argsort(idx, kind="stable")
+    return {k: v[order] for k, v in merged.items()}
+
+
+def write_scores(path: Path, data: dict, labels: np.ndarray | None, detectors: list[str]) -> None:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["producer"] = "clipbd.stages.reduce"
+        f.attrs["detectors"] = np.array(detectors, dtype=h5py.string_dtype())
+        f["index"] = data["index"]
+        f["key"] = data["key"]
+        if labels is not None:
+            f["is_poison"] = labels
+        for d in detectors:
+            f[d] = data[f"scores/{d}"]  # one dataset per detector, position = global sample index
+
+
+def write_ranked(path: Path, data: dict, labels: np.ndarray | None, detectors: list[str]) -> None:
+    order = np.argsort(-data[f"scores/{detectors[0]}"], kind="stable")
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["index", "key", "caption"] + (["is_poison"] if labels is not None else []) + detectors)
+        for i in order:
+            row = [int(data["index"][i]), _s(data["key"][i]), _s(data["caption"][i])]
+            row += [int(labels[i])] if labels is not None else []
+            w.writerow(row + [f"{data[f'scores/{d}'][i]:.6g}" for d in detectors])
+
+
+def _s(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def update_metrics(run_dir: Path, prefix: str, new: dict) -> dict:
+    """Replace every `prefix*` key of metrics.json by `new` (other stages' keys are kept)."""
+    path = run_dir / "metrics.json"
+    old = read_json(path) if path.exists() else {}
+    merged = {k: v for k, v in old.items() if not k.startswith(prefix)} | new
+    write_json(path, dict(sorted(merged.items())))
+    return merged
+
+
+def main(cfg: DictConfig) -> dict[str, Path]:
+    run_dir = Path(cfg.run_dir)
+    out = {"scores": run_dir / "scores.h5", "ranked": run_dir / "ranked.csv", "metrics": run_dir / "metrics.json"}
+    if not dist.is_main():
+        return out
+    index = load_index(cfg)
+    data = gather(cfg, index)
+    detectors = list(cfg.detector.keys())
+    plan = PoisonLookup.load(run_dir / "poison_plan.json")
+    labels = plan.labels(len(index)) if len(plan.indices) else None
+    write_scores(out["scores"], data, labels, detectors)
+    write_ranked(out["ranked"], data, labels, detectors)
+    if labels is None:
+        update_metrics(run_dir, "detect/", {"detect/note": "no poison labels (nothing was poisoned, e.g. a scan "
+                                                          "of unlabelled data): AUROC/AUPRC/FPR95 not computed"})
+        log.info("reduce: %d samples scored; no poison labels, so no AUROC", len(index))
+        return out
+    scores = {d: data[f"scores/{d}"] for d in detectors}
+    metrics = {}
+    for d, s in scores.items():
+        for name, v in detection_metrics(labels, s).items():
+            metrics[f"detect/{d}/{name}"] = v
+        log.info("detect/%s: AUROC %.4f  AUPRC %.4f  FPR95 %.4f", d, metrics[f"detect/{d}/auroc"],
+                 metrics[f"detect/{d}/auprc"], metrics[f"detect/{d}/fpr95"])
+    update_metrics(run_dir, "detect/", metrics)
+    (run_dir / "plots").mkdir(exist_ok=True)
+    out["roc"] = roc_plot(run_dir / "plots" / "roc.png", labels, scores)
+    out["hist"] = score_histograms(run_dir / "plots" / "score_hist.png", labels, scores)
+    return out

@@ -1,0 +1,88 @@
+"""Weights & Biases logging (rank 0 only; offline by default, so no network is ever needed).
+
+`logging.wandb.mode=offline` writes `<run_dir>/wandb/offline-run-*` for a later `wandb sync`;
+`disabled` turns it off. Runs of one experiment or sweep share a group (the experiment name unless
+`logging.wandb.group` is set).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from omegaconf import DictConfig, OmegaConf
+
+from clipbd import dist
+from clipbd.utils import read_json, write_json
+
+log = logging.getLogger("clipbd")
+_RUN: Any = None
+
+
+@contextlib.contextmanager
+def start(cfg: DictConfig) -> Iterator[Any]:
+    global _RUN
+    wcfg = cfg.logging.wandb
+    if wcfg.mode not in ("online", "offline", "disabled"):
+        from clipbd.registry import ConfigError
+
+        raise ConfigError(f"logging.wandb.mode={wcfg.mode}: must be online, offline or disabled")
+    if wcfg.mode == "disabled" or not dist.is_main():
+        yield None
+        return
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    run_dir = Path(cfg.run_dir)
+    _RUN = wandb.init(
+        project=wcfg.project, entity=wcfg.entity, group=wcfg.group or cfg.name, tags=list(wcfg.tags),
+        name=f"{cfg.name}-{run_dir.name}", dir=str(run_dir), mode=wcfg.mode,
+        config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous",
+        id=_stable_id(run_dir), resume="allow",
+    )
+    try:
+        yield _RUN
+    finally:
+        _RUN.finish()
+        _RUN = None
+
+
+def _stable_id(run_dir: Path) -> str:
+    """One W&B run id per run directory, so a resumed run continues the same W&B run."""
+    p = run_dir / "wandb_id.txt"
+    if not p.exists():
+        import wandb
+
+        p.write_text(wandb.util.generate_id())
+    return p.read_text().strip()
+
+
+def log(metrics: dict[str, Any], step: int | None = None) -> None:
+    if _RUN is not None:
+        _RUN.log(metrics, step=step)
+
+
+def log_run_results(cfg: DictConfig, timings: dict[str, float]) -> None:
+    """Record stage timings, and send metrics.json and the plots to W&B."""
+    if not dist.is_main():
+        return
+    run_dir = Path(cfg.run_dir)
+    timing_path = run_dir / "timing.json"
+    old = read_json(timing_path) if timing_path.exists() else {}
+    write_json(timing_path, {**old, **timings})
+    if _RUN is None:
+        return
+    metrics_path = run_dir / "metrics.json"
+    if metrics_path.exists():
+        metrics = {k: v for k, v in read_json(metrics_path).items() if isinstance(v, (int, float))}
+        _RUN.summary.update(metrics)
+        _RUN.log(metrics)
+    import wandb
+
+    images = {f"plots/{p.stem}": wandb.Image(str(p)) for p in sorted((run_dir / "plots").glob("*.png"))}
+    if images:
+        _RUN.log(images)
+    _RUN.summary.update(timings)

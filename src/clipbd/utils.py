@@ -1,0 +1,93 @@
+"""Small shared helpers: atomic file writes, derived seeds, progress bars, git revision."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+from tqdm.auto import tqdm
+
+_PROGRESS_MODE = "auto"
+
+
+def set_progress_mode(mode: str) -> None:
+    if mode not in ("auto", "always", "never"):
+        raise ValueError(f"logging.progress={mode!r}: must be one of auto, always, never")
+    global _PROGRESS_MODE
+    _PROGRESS_MODE = mode
+
+
+def progress(it: Iterable, **kw: Any) -> Iterable:
+    """tqdm over `it`, shown only on a terminal (logging.progress=auto) so logs stay clean."""
+    show = _PROGRESS_MODE == "always" or (_PROGRESS_MODE == "auto" and sys.stderr.isatty())
+    return tqdm(it, disable=not show, dynamic_ncols=True, **kw)
+
+
+def derive_seed(seed: int, purpose: str) -> int:
+    """A separate, stable 63-bit seed per purpose ('poison', 'shuffle', 'init', ...)."""
+    ss = np.random.SeedSequence([int(seed), zlib.crc32(purpose.encode())])
+    return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def rng(seed: int, purpose: str) -> np.random.Generator:
+    return np.random.default_rng(derive_seed(seed, purpose))
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success rename it into place (readers never see halves)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def stable_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()[:16]
+
+
+def git_revision() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if out.returncode != 0:
+        return "unknown"
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
