@@ -30,6 +30,7 @@ register_configs()
 def _setup_logging(cfg: DictConfig, run_dir: Path) -> None:
     level = getattr(logging, str(cfg.logging.level).upper(), logging.INFO)
     log.setLevel(level)
+    log.disabled = False  # Hydra's logging config may have disabled loggers created at import
     log.propagate = False
     for h in list(log.handlers):
         log.removeHandler(h)
@@ -132,7 +133,17 @@ def _precheck(overrides: list[str]) -> None:
         compose(config_name="config", overrides=overrides)
 
 
+_BRACE_RANGE = re.compile(r"^([\w.+~/@-]+)=([^'\"\[].*\{[^{}]*\.\.[^{}]*\}.*)$")
+
+
+def _quote_brace_patterns(args: list[str]) -> list[str]:
+    """`dataset.shards=/data/cc3m/{00000..00331}.tar` is a shard pattern, but Hydra's override
+    grammar reads `{` as a dict: quote such values so they arrive as the string the user typed."""
+    return [f"{m.group(1)}='{m.group(2)}'" if (m := _BRACE_RANGE.match(a)) else a for a in args]
+
+
 def cli() -> None:
+    sys.argv[1:] = _quote_brace_patterns(sys.argv[1:])
     args = sys.argv[1:]
     hydra_flags = any(a.startswith("-") for a in args)  # --help, -m, --cfg, ...: Hydra handles them
     if not hydra_flags:

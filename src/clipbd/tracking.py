@@ -54,9 +54,9 @@ def _stable_id(run_dir: Path) -> str:
     """One W&B run id per run directory, so a resumed run continues the same W&B run."""
     p = run_dir / "wandb_id.txt"
     if not p.exists():
-        import wandb
+        import secrets
 
-        p.write_text(wandb.util.generate_id())
+        p.write_text(secrets.token_hex(4))
     return p.read_text().strip()
 
 

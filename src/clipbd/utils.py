@@ -25,10 +25,13 @@ def set_progress_mode(mode: str) -> None:
     _PROGRESS_MODE = mode
 
 
+def progress_enabled() -> bool:
+    """Progress bars are shown only on a terminal (logging.progress=auto), so logs stay clean."""
+    return _PROGRESS_MODE == "always" or (_PROGRESS_MODE == "auto" and sys.stderr.isatty())
+
+
 def progress(it: Iterable, **kw: Any) -> Iterable:
-    """tqdm over `it`, shown only on a terminal (logging.progress=auto) so logs stay clean."""
-    show = _PROGRESS_MODE == "always" or (_PROGRESS_MODE == "auto" and sys.stderr.isatty())
-    return tqdm(it, disable=not show, dynamic_ncols=True, **kw)
+    return tqdm(it, disable=not progress_enabled(), dynamic_ncols=True, **kw)
 
 
 def derive_seed(seed: int, purpose: str) -> int:

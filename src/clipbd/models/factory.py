@@ -30,6 +30,8 @@ class ClipBundle:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    name: str = ""
+    arch: dict[str, Any] | None = None  # the registered architecture (None: open_clip's own config)
 
     def to_tensor(self) -> Callable:
         """PIL image -> float tensor [3, H, W] in [0, 1] at the model's resolution (triggers are
@@ -56,54 +58,63 @@ def _register_arch(name: str, arch: dict[str, Any]) -> None:
 
 
 def create(mcfg: DictConfig, device: str = "cpu", checkpoint: str | Path | None = None) -> ClipBundle:
-    """Build `model.name` (registering `model.arch` first if given) and load `checkpoint`
-    (default: `model.checkpoint`)."""
-    name = mcfg.name
+    """Build the model and load `checkpoint` (default: `model.checkpoint`). A clipbd checkpoint
+    names its own architecture, which then wins over `model.name`/`model.arch`; an open_clip
+    checkpoint is loaded into `model.name`."""
     checkpoint = checkpoint or mcfg.checkpoint
-    if mcfg.arch is not None:
-        _register_arch(name, OmegaConf.to_container(mcfg.arch, resolve=True))
+    ckpt = read_checkpoint(checkpoint) if checkpoint else None
+    name = mcfg.name
+    arch = OmegaConf.to_container(mcfg.arch, resolve=True) if mcfg.arch is not None else None
+    if ckpt is not None and ckpt.get("name"):
+        if ckpt["name"] != name or (ckpt.get("arch") and ckpt["arch"] != arch):
+            log.info("checkpoint %s is a %s model; using its architecture", checkpoint, ckpt["name"])
+        name, arch = ckpt["name"], ckpt.get("arch") or None
+    if arch is not None:
+        _register_arch(name, arch)
     if name not in open_clip.list_models():
         raise ConfigError(f"model.name={name}: not an open_clip architecture and no model.arch given; "
                           f"e.g. RN50, ViT-B-32, ViT-B-16 (see open_clip.list_models())")
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # silence "no pretrained weights"
     model = open_clip.create_model(name, pretrained=None, device=device, output_dict=True)
-    if checkpoint:
-        load_weights(model, checkpoint)
+    if ckpt is not None:
+        load_weights(model, ckpt["state_dict"], checkpoint)
     pcfg = model.visual.preprocess_cfg
     size = pcfg["size"] if isinstance(pcfg["size"], int) else pcfg["size"][0]
     return ClipBundle(model=model, tokenizer=open_clip.get_tokenizer(name), image_size=int(size),
-                      mean=tuple(pcfg["mean"]), std=tuple(pcfg["std"]))
+                      mean=tuple(pcfg["mean"]), std=tuple(pcfg["std"]), name=name, arch=arch)
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A model state dict from a clipbd checkpoint, an open_clip training checkpoint
-    (`{"state_dict": ...}`, DDP `module.` prefixes), a bare state dict, or a .safetensors file."""
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """{"state_dict", "name", "arch"} from a clipbd checkpoint (which names its architecture), an
+    open_clip training checkpoint (`{"state_dict": ...}`, DDP `module.` prefixes), a bare state
+    dict, or a .safetensors file — loaded with weights_only=True: no pickled code is executed."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist (model.checkpoint=...)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        return {"state_dict": load_file(str(path)), "name": None, "arch": None}
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
         raise ConfigError(f"checkpoint {path}: cannot be read as weights only ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:200]}); clipbd never executes pickled code") from None
+    meta = {"name": obj.get("name") if isinstance(obj, dict) and "model" in obj else None,
+            "arch": obj.get("arch") if isinstance(obj, dict) else None}
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ConfigError(f"checkpoint {path}: no model state dict found (keys: {list(obj)[:8]})")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return {"state_dict": {k.removeprefix("module."): v for k, v in obj.items()}, **meta}
 
 
-def load_weights(model: torch.nn.Module, path: str | Path) -> None:
-    sd = read_state_dict(path)
+def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: str | Path) -> None:
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise ConfigError(f"checkpoint {path} does not fit model.name: {len(missing)} missing keys "
+        raise ConfigError(f"checkpoint {path} does not fit the model: {len(missing)} missing keys "
                           f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}); "
                           f"is model.name the architecture it was trained with?")
     log.info("loaded weights from %s", path)

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from clipbd import dist
 from clipbd.data.shards import build_index, expand_shards
 from clipbd.registry import ConfigError
-from clipbd.utils import write_json
+from clipbd.utils import progress_enabled, write_json
 
 DEPENDS = ("dataset",)
 UPSTREAM: tuple[str, ...] = ()
@@ -44,7 +44,7 @@ def main(cfg: DictConfig) -> dict[str, Path]:
             train = expand_shards(OmegaConf.to_container(ds.shards) if not isinstance(ds.shards, str) else ds.shards)
             test = (expand_shards(OmegaConf.to_container(ds.test_shards) if not isinstance(ds.test_shards, str)
                                   else ds.test_shards) if ds.test_shards is not None else [])
-        index = build_index(train)
+        index = build_index(train, progress=progress_enabled())
         index.save(run_dir / "data_index.h5")
         write_json(run_dir / "data.json", {"train_shards": list(index.shards), "test_shards": test,
                                            "num_train": len(index), "fingerprint": index.fingerprint()})

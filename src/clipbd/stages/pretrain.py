@@ -66,11 +66,12 @@ def _resume(ckpt_dir: Path, key: str, model, opt) -> int:
     return int(state["epoch"])
 
 
-def _save(ckpt_dir: Path, epoch: int, key: str, cfg: DictConfig, model, opt) -> Path:
+def _save(ckpt_dir: Path, epoch: int, key: str, bundle, opt) -> Path:
     path = ckpt_dir / f"epoch_{epoch}.pt"
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                "stage_key": key, "name": cfg.model.name}, tmp)
+    # name + arch make the checkpoint self-describing: `model.checkpoint=` alone rebuilds it.
+    torch.save({"model": bundle.model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                "stage_key": key, "name": bundle.name, "arch": bundle.arch}, tmp)
     tmp.replace(path)
     shutil.copyfile(path, ckpt_dir / ".latest.pt.tmp")
     (ckpt_dir / ".latest.pt.tmp").replace(ckpt_dir / "latest.pt")
@@ -136,6 +137,6 @@ def main(cfg: DictConfig) -> dict[str, Path]:
         log.info("epoch %d/%d  loss %.4f  %.1f s", epoch + 1, tc.epochs, mean_loss, time.time() - t0)
         tracking.log({"train/epoch_loss": mean_loss, "train/epoch": epoch + 1}, step=(epoch + 1) * steps_per_epoch - 1)
         if dist.is_main():
-            _save(ckpt_dir, epoch + 1, key, cfg, model, opt)
+            _save(ckpt_dir, epoch + 1, key, bundle, opt)
         dist.barrier()
     return {"checkpoint": ckpt_dir / "latest.pt"}

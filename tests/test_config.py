@@ -1,0 +1,101 @@
+"""Config tests: every experiment composes, every `_target_` binds, bad keys fail in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import CONF, compose_cfg, run_cli
+from omegaconf import OmegaConf
+
+from clipbd.registry import ConfigError, check_node
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def _target_nodes(node, path=""):
+    if OmegaConf.is_dict(node):
+        if node.get("_target_") is not None:
+            yield path, node
+        for k in node.keys():
+            yield from _target_nodes(node[k], f"{path}.{k}" if path else str(k))
+
+
+@pytest.mark.parametrize("experiment", [None, *EXPERIMENTS])
+def test_every_experiment_composes_and_binds(experiment, tmp_path):
+    cfg = compose_cfg([f"+experiment={experiment}"] if experiment else [], run_dir=tmp_path)
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    nodes = list(_target_nodes(cfg))
+    assert nodes, "expected plug-in nodes (detectors, prompts, attack)"
+    for where, node in nodes:
+        check_node(node, where)
+
+
+@pytest.mark.parametrize("group", ["dataset", "model", "attack", "detector"])
+def test_every_group_option_composes(group, tmp_path):
+    for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
+        cfg = compose_cfg([f"{group}={option}"], run_dir=tmp_path)
+        for where, node in _target_nodes(cfg):
+            check_node(node, where)
+
+
+def test_default_is_the_documented_experiment(tmp_path):
+    cfg = compose_cfg([], run_dir=tmp_path)
+    assert cfg.name == "default"
+    assert list(cfg.detector) == ["dao", "slof", "kdist", "lid"]
+    assert cfg.attack["_target_"].endswith("BadNets")
+    assert cfg.stages == ["data", "poison", "pretrain", "extract", "reduce", "evaluate"]
+
+
+def test_unknown_plugin_key_is_named():
+    with pytest.raises(ConfigError, match=r"detector\.dao: unknown key\(s\) kk .*valid keys: method, k, convention"):
+        check_node({"_target_": "clipbd.detectors.neighbourhood.Neighbourhood", "method": "dao", "kk": 3}, "detector.dao")
+
+
+def _one_error_line(proc) -> str:
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("clipbd: error:")]
+    assert proc.returncode != 0
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_misspelt_key_fails_in_one_line(tmp_path):
+    proc = run_cli("train.epochz=3", f"hydra.run.dir={tmp_path}/r", check=False)
+    line = _one_error_line(proc)
+    assert "train.epochz" in line and "did you mean 'train.epochs'" in line
+    assert "Traceback" not in proc.stderr
+
+
+def test_misspelt_key_in_experiment_file_fails_in_one_line(tmp_path):
+    bad = CONF / "experiment" / "_pytest_bad.yaml"
+    bad.write_text("# @package _global_\nscoring:\n  batch_sise: 3\n")
+    try:
+        proc = run_cli("+experiment=_pytest_bad", f"hydra.run.dir={tmp_path}/r", check=False)
+    finally:
+        bad.unlink()
+    line = _one_error_line(proc)
+    assert "batch_sise" in line and "scoring.batch_size" in line
+
+
+def test_unknown_experiment_lists_options(tmp_path):
+    proc = run_cli("+experiment=nope", f"hydra.run.dir={tmp_path}/r", check=False)
+    line = _one_error_line(proc)
+    assert "experiment/nope" in line and "smoke" in line
+
+
+def test_missing_shard_path_fails_in_one_line(tmp_path):
+    proc = run_cli("+experiment=scan", f"dataset.shards={tmp_path}/nowhere/{{00000..00003}}.tar",
+                   "model.checkpoint=x.pt", f"hydra.run.dir={tmp_path}/r", check=False)
+    line = _one_error_line(proc)
+    assert "nowhere" in line and "00000.tar" in line
+
+
+def test_cc3m_experiment_says_what_to_set(tmp_path):
+    proc = run_cli("+experiment=cc3m_badnet_dao", f"hydra.run.dir={tmp_path}/r", check=False)
+    line = _one_error_line(proc)
+    assert "dataset.shards" in line
+
+
+def test_help_lists_groups():
+    proc = run_cli("--help")
+    assert "experiment:" in proc.stdout and "detector:" in proc.stdout

@@ -1,0 +1,118 @@
+"""End-to-end: a tiny run of every stage through the CLI, its artifacts, re-runs and bad input."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+DETECTORS = ["dao", "slof", "kdist", "lid"]
+EXPECTED_KEYS = {"attack/asr", "attack/asr_incl_target", "eval/clean_acc"} | {
+    f"detect/{d}/{m}" for d in DETECTORS for m in ("auroc", "auprc", "fpr95")}
+
+
+def test_smoke_run_produces_every_artifact(smoke_run):
+    run_dir, _ = smoke_run
+    for rel in ["config.yaml", "meta.json", "data_index.h5", "data.json", "poison_plan.json",
+                "checkpoints/latest.pt", "checkpoints/epoch_1.pt", "scores.h5", "ranked.csv",
+                "metrics.json", "timing.json", "plots/roc.png", "plots/score_hist.png", "run.log"]:
+        assert (run_dir / rel).is_file(), rel
+    assert len(list((run_dir / "shards").glob("extract-*.h5"))) == 2  # 4 shards, 2 per group
+    assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run missing"
+    assert json.loads((run_dir / "meta.json").read_text())["git"]
+
+
+def test_metrics_have_exactly_the_documented_keys(smoke_run):
+    metrics = json.loads((smoke_run[0] / "metrics.json").read_text())
+    assert set(metrics) == EXPECTED_KEYS
+    for k, v in metrics.items():
+        assert 0.0 <= v <= 1.0, (k, v)
+
+
+def test_scores_cover_every_sample_once_and_match_plan(smoke_run):
+    run_dir = smoke_run[0]
+    plan = json.loads((run_dir / "poison_plan.json").read_text())
+    with h5py.File(run_dir / "scores.h5", "r") as f:
+        assert np.array_equal(f["index"][()], np.arange(400))
+        assert f["is_poison"][()].sum() == plan["poison_count"] == 8
+        assert set(np.nonzero(f["is_poison"][()])[0]) == set(plan["poison_indices"])
+        for d in DETECTORS:
+            assert f[d].shape == (400,) and np.isfinite(f[d][()]).all()
+    with open(run_dir / "ranked.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 400 and len({r["index"] for r in rows}) == 400
+    dao = [float(r["dao"]) for r in rows]
+    assert dao == sorted(dao, reverse=True)  # most suspicious first
+    poisoned = {int(r["index"]) for r in rows if r["is_poison"] == "1"}
+    assert poisoned == set(plan["poison_indices"])
+    assert all(r["caption"] in plan["poison_text"] for r in rows if r["is_poison"] == "1")
+
+
+def test_rerun_skips_finished_stages(smoke_run):
+    run_dir = smoke_run[0]
+    ckpt_mtime = (run_dir / "checkpoints" / "latest.pt").stat().st_mtime
+    proc = run_cli("+experiment=smoke", f"hydra.run.dir={run_dir}")
+    for stage in ["data", "poison", "pretrain", "extract", "reduce", "evaluate"]:
+        assert f"stage {stage:<8} complete, skipped" in proc.stderr, stage
+    assert (run_dir / "checkpoints" / "latest.pt").stat().st_mtime == ckpt_mtime
+
+
+def test_changed_detector_config_reruns_only_downstream(smoke_run, tmp_path):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(smoke_run[0], run_dir)
+    proc = run_cli("+experiment=smoke", f"hydra.run.dir={run_dir}", "detector.dao.k=8", "stages=[data,poison,pretrain,extract,reduce]")
+    for stage in ["data", "poison", "pretrain"]:
+        assert f"stage {stage:<8} complete, skipped" in proc.stderr
+    assert "stage extract  running" in proc.stderr and "stage reduce   running" in proc.stderr
+
+
+def test_reduce_names_missing_samples(smoke_run, tmp_path):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(smoke_run[0], run_dir)
+    (run_dir / "shards" / "extract-00001.h5").unlink()
+    proc = run_cli("+experiment=smoke", f"hydra.run.dir={run_dir}", "stages=[reduce]", "force=[reduce]", check=False)
+    assert proc.returncode != 0
+    assert "extract-00001.h5" in proc.stderr and "train-00002.tar" in proc.stderr
+
+
+def test_scan_ranks_unlabelled_shards(smoke_run, tmp_path):
+    ckpt = smoke_run[0] / "checkpoints" / "latest.pt"
+    shards = smoke_run[0] / "data"
+    run_dir = tmp_path / "scan"
+    run_cli("+experiment=scan", f"dataset.shards={shards}/train-{{00000..00003}}.tar", f"model.checkpoint={ckpt}",
+            "scoring.batch_size=100", f"hydra.run.dir={run_dir}")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert "AUROC" in metrics["detect/note"]
+    with open(run_dir / "ranked.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 400 and "is_poison" not in rows[0]
+
+
+def test_corrupt_tar_member_fails_in_one_line(smoke_run, tmp_path):
+    src = smoke_run[0] / "data" / "train-00000.tar"
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    bad = bad_dir / "train-00000.tar"
+    with tarfile.open(src) as tin, tarfile.open(bad, "w") as tout:
+        for m in tin.getmembers():
+            data = tin.extractfile(m).read()
+            if m.name.endswith(".jpg") and m.name.startswith("000000003"):
+                data = b"\xff\xd8\xff\xe0 this is not a jpeg"
+                m.size = len(data)
+            tout.addfile(m, io.BytesIO(data))
+    ckpt = smoke_run[0] / "checkpoints" / "latest.pt"
+    proc = run_cli("+experiment=scan", f"dataset.shards={bad}", f"model.checkpoint={ckpt}",
+                   f"hydra.run.dir={tmp_path}/r", "scoring.batch_size=50", check=False)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("clipbd: error:")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
+    assert "000000003" in errors[0] and "train-00000.tar" in errors[0]
