@@ -116,3 +116,20 @@ def test_corrupt_tar_member_fails_in_one_line(smoke_run, tmp_path):
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("clipbd: error:")]
     assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
     assert "000000003" in errors[0] and "train-00000.tar" in errors[0]
+
+
+def test_scan_real_img2dataset_shards_as_is(smoke_run, tmp_path):
+    """Shards written by the real img2dataset tool (incl. one with zero successes, plus its
+    _stats.json/.parquet side files) are scanned without conversion: each success exactly once."""
+    fixture = Path(__file__).parent / "data" / "img2dataset"
+    expected = json.loads((fixture / "expected.json").read_text())["shards"]
+    successes = {(r["key"], r["caption"]) for rows in expected.values() for r in rows if r["status"] == "success"}
+    ckpt = smoke_run[0] / "checkpoints" / "latest.pt"
+    run_dir = tmp_path / "scan"
+    run_cli("+experiment=scan", f"dataset.shards={fixture}", f"model.checkpoint={ckpt}", f"hydra.run.dir={run_dir}",
+            "scoring.batch_size=8", *[f"detector.{d}.k=3" for d in DETECTORS])
+    with open(run_dir / "ranked.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(successes) == 8
+    assert {(r["key"], r["caption"]) for r in rows} == successes
+    assert sorted(int(r["index"]) for r in rows) == list(range(8))

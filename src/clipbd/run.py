@@ -108,7 +108,7 @@ def _one_line_composition_error(e: BaseException) -> str:
         return f"unknown config key '{name}'{_suggest(name)}"
     missing = re.search(r"Could not find '([^']+)'", text)
     if missing:
-        opts = re.search(r"Available options:\s*((?:\n\s+\S+)+)", text)
+        opts = re.search(r"Available options[^:]*:\s*((?:\n\t\S+)+)", text)
         avail = ", ".join(opts.group(1).split()) if opts else ""
         return f"no config '{missing.group(1)}'" + (f"; available: {avail}" if avail else "")
     return " ".join(text.split("\n")[0:2]).strip()
