@@ -74,8 +74,12 @@ def create(mcfg: DictConfig, device: str = "cpu", checkpoint: str | Path | None 
     if name not in open_clip.list_models():
         raise ConfigError(f"model.name={name}: not an open_clip architecture and no model.arch given; "
                           f"e.g. RN50, ViT-B-32, ViT-B-16 (see open_clip.list_models())")
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # silence "no pretrained weights"
-    model = open_clip.create_model(name, pretrained=None, device=device, output_dict=True)
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(max(level, logging.ERROR))  # silence open_clip's "no pretrained weights" warning
+    try:
+        model = open_clip.create_model(name, pretrained=None, device=device, output_dict=True)
+    finally:
+        root.setLevel(level)
     if ckpt is not None:
         load_weights(model, ckpt["state_dict"], checkpoint)
     pcfg = model.visual.preprocess_cfg
