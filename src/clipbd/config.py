@@ -70,6 +70,11 @@ class ExtractConfig:
     batch_size: int = 256  # forward batch for embeddings
     shards_per_group: int = 16  # input shards per output h5 file
     workers: int = 0
+    # Job-array split (docs/slurm.md): this task does groups g with g % num_tasks == task, or exactly
+    # `groups` when given. Not part of the stage key: any split gives the same files.
+    task: int = 0
+    num_tasks: int = 1
+    groups: Optional[List[int]] = None
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as td
@@ -36,6 +37,20 @@ def _from_env() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def _rendezvous() -> tuple[str, str]:
+    """MASTER_ADDR/PORT: as given (torchrun, user), else under SLURM the job's first node and a port
+    derived from the job id (so two jobs sharing a node do not collide), else this host."""
+    env = os.environ
+    addr, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
+    if "SLURM_JOB_ID" in env:
+        if addr is None and env.get("SLURM_JOB_NODELIST"):
+            from submitit.slurm.slurm import _parse_node_list  # expands e.g. "gpu[01-04]"
+
+            addr = _parse_node_list(env["SLURM_JOB_NODELIST"])[0]
+        port = port or str(20000 + int(env["SLURM_JOB_ID"]) % 20000)
+    return addr or "127.0.0.1", port or "29500"
+
+
 def resolve_device(spec: str, local_rank: int = 0) -> str:
     if spec == "auto":
         return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
@@ -50,8 +65,7 @@ def init(device: str = "auto") -> DistInfo:
     rank, world, local_rank = _from_env()
     dev = resolve_device(device, local_rank)
     if world > 1 and not td.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = _rendezvous()
         backend = "nccl" if dev.startswith("cuda") else "gloo"
         td.init_process_group(backend=backend, rank=rank, world_size=world)
         if dev.startswith("cuda"):
@@ -90,6 +104,15 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     td.all_gather(parts, x.detach().contiguous())
     parts[_INFO.rank] = x
     return torch.cat(parts, dim=0)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s (picklable) `obj` on every rank, e.g. the run directory rank 0 decided on."""
+    if _INFO.world == 1:
+        return obj
+    box = [obj]
+    td.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import sys
 import time
 from difflib import get_close_matches
@@ -20,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from clipbd import dist, tracking
 from clipbd.config import STAGE_ORDER, register_configs
 from clipbd.registry import ConfigError
-from clipbd.utils import git_revision, set_progress_mode, write_json
+from clipbd.utils import atomic_path, git_revision, set_progress_mode, write_json
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger("clipbd")
@@ -45,19 +46,26 @@ def _setup_logging(cfg: DictConfig, run_dir: Path) -> None:
     set_progress_mode(cfg.logging.progress)
 
 
-def run(cfg: DictConfig) -> Path:
-    """Run the selected stages in order in `cfg.run_dir`; returns the run directory."""
-    run_dir = Path(cfg.run_dir).resolve()
+def run(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
+    """Run the selected stages in order in `cfg.run_dir`; returns the run directory.
+    `overrides` (the command line's) are recorded in meta.json so that later messages can say how to
+    re-run a part of this run."""
+    info = dist.init(cfg.device)
+    own_dir = Path(cfg.run_dir).resolve()
+    # One run directory for all ranks: each rank resolved `${now:}` itself, rank 0's choice wins.
+    run_dir = Path(dist.broadcast_object(str(own_dir)))
     OmegaConf.update(cfg, "run_dir", str(run_dir), merge=False)
     run_dir.mkdir(parents=True, exist_ok=True)
-    info = dist.init(cfg.device)
+    if own_dir != run_dir:
+        _remove_stray_dir(own_dir)
     _setup_logging(cfg, run_dir)
     unknown = [s for s in cfg.stages if s not in STAGE_ORDER]
     if unknown:
         raise ConfigError(f"stages: unknown stage(s) {unknown}; valid: {list(STAGE_ORDER)}")
     if dist.is_main():
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        write_json(run_dir / "meta.json", {"git": git_revision(), "argv": sys.argv,
+        with atomic_path(run_dir / "config.yaml") as tmp:  # concurrent jobs (array tasks) share the dir
+            OmegaConf.save(cfg, tmp, resolve=True)
+        write_json(run_dir / "meta.json", {"git": git_revision(), "argv": sys.argv, "overrides": overrides,
                                            "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "world": info.world})
     log.info("run dir %s (device %s, world %d)", run_dir, info.device, info.world)
     from clipbd import runstate  # imported late: stage modules import torch/open_clip
@@ -73,14 +81,37 @@ def run(cfg: DictConfig) -> Path:
     return run_dir
 
 
+def _remove_stray_dir(path: Path) -> None:
+    """A non-zero rank's own Hydra output dir (a different `${now:}`), if it holds only `.hydra`."""
+    if path.is_dir() and {p.name for p in path.iterdir()} <= {".hydra"}:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _sweep_defaults(cfg: DictConfig, hc) -> None:
+    """In a multirun (`-m`), the jobs of one sweep share a W&B group (`<name>-<sweep dir name>`) and
+    are tagged with their own overrides (`detector=dao`, `attack.poison_rate=0.01`) to filter by."""
+    from hydra.types import RunMode
+
+    if hc.mode != RunMode.MULTIRUN:
+        return
+    if cfg.logging.wandb.group is None:
+        OmegaConf.update(cfg, "logging.wandb.group", f"{cfg.name}-{Path(hc.sweep.dir).name}")
+    tags = list(cfg.logging.wandb.tags) + [o for o in hc.overrides.task if len(o) <= 64]
+    OmegaConf.update(cfg, "logging.wandb.tags", list(dict.fromkeys(tags)), merge=False)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
     try:
-        run(cfg)
+        _sweep_defaults(cfg, hc)
+        run(cfg, overrides=list(hc.overrides.task))
     except (ConfigError, FileNotFoundError) as e:
         _die(str(e))
-    except Exception as e:  # noqa: BLE001 - data errors carry their own one-line message
-        if type(e).__name__ == "DataError":
+    except Exception as e:  # noqa: BLE001 - data and coverage errors carry their own one-line message
+        if type(e).__name__ in ("DataError", "CoverageError"):
             _die(str(e))
         raise
     finally:

@@ -9,12 +9,16 @@ Pipeline, in this order:
   5. poison        — if the global index is in the plan: trigger on pixels, caption replaced;
                     after resizing so a patch is the same pixels for every source resolution;
   6. shuffle buffer — training only, seeded per epoch.
+Steps 3–5 run last in fact, on the undecoded samples that leave the shuffle buffer (the buffer holds
+bytes, not tensors, and the order is the same): with `batch_slice=(rank, world, global_batch)` every
+rank reads the same sample stream, cuts it into global batches and decodes only its own slice of each
+(`ranks_slice`), so the global batch is the same samples in the same order for any number of ranks.
 Normalisation happens on the batch, after collation.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,10 +33,12 @@ class ShardDataset(IterableDataset):
 
     def __init__(self, index: ShardIndex, shard_ids: Sequence[int], to_tensor: Callable,
                  lookup: PoisonLookup | None = None, attack: Any = None, *, shuffle_seed: int | None = None,
-                 buffer: int = 0, label_key: str | None = None):
+                 buffer: int = 0, label_key: str | None = None,
+                 batch_slice: tuple[int, int, int] | None = None):
         self.index, self.shard_ids = index, list(shard_ids)
         self.to_tensor, self.lookup, self.attack = to_tensor, lookup, attack
         self.shuffle_seed, self.buffer, self.label_key = shuffle_seed, buffer, label_key
+        self.batch_slice = batch_slice  # (rank, world, global batch): see ranks_slice
 
     def _my_shards(self) -> list[int]:
         ids = list(self.shard_ids)
@@ -41,31 +47,33 @@ class ShardDataset(IterableDataset):
         wi = get_worker_info()
         return ids if wi is None else ids[wi.id::wi.num_workers]
 
-    def _samples(self) -> Iterator[dict]:
-        offsets = self.index.offsets
+    def _raw(self) -> Iterator[tuple[int, Any]]:
+        """(shard id, undecoded sample) in read order."""
         for sid in self._my_shards():
-            path = self.index.shards[sid]
-            for s in iter_shard(path):
-                gidx = int(offsets[sid] + s.pos)
-                img = self.to_tensor(decode_image(s.image, f"{path}:{s.key}"))
-                caption, poisoned = s.caption, False
-                entry = self.lookup.get(gidx) if self.lookup is not None else None
-                if entry is not None:
-                    img, caption = self.attack.apply(img, caption, entry)
-                    poisoned = True
-                item = {"index": gidx, "key": s.key, "image": img, "caption": caption, "poisoned": poisoned}
-                if self.label_key is not None:
-                    item["label"] = int(s.meta.get(self.label_key, -1))
-                yield item
+            yield from ((sid, s) for s in iter_shard(self.index.shards[sid]))
 
-    def __iter__(self) -> Iterator[dict]:
+    def _decode(self, sid: int, s: Any) -> dict:
+        path = self.index.shards[sid]
+        gidx = int(self.index.offsets[sid] + s.pos)
+        img = self.to_tensor(decode_image(s.image, f"{path}:{s.key}"))
+        caption, poisoned = s.caption, False
+        entry = self.lookup.get(gidx) if self.lookup is not None else None
+        if entry is not None:
+            img, caption = self.attack.apply(img, caption, entry)
+            poisoned = not entry.get("noise", False)  # WaNet noise-mode samples are not poisons
+        item = {"index": gidx, "key": s.key, "image": img, "caption": caption, "poisoned": poisoned}
+        if self.label_key is not None:
+            item["label"] = int(s.meta.get(self.label_key, -1))
+        return item
+
+    def _shuffled(self) -> Iterator[tuple[int, Any]]:
         if self.buffer <= 1 or self.shuffle_seed is None:
-            yield from self._samples()
+            yield from self._raw()
             return
         wi = get_worker_info()
         rng = np.random.default_rng([self.shuffle_seed, 0 if wi is None else wi.id])
-        buf: list[dict] = []
-        for item in self._samples():  # reservoir-style shuffle buffer (as webdataset's .shuffle)
+        buf: list = []
+        for item in self._raw():  # reservoir-style shuffle buffer (as webdataset's .shuffle)
             if len(buf) < self.buffer:
                 buf.append(item)
                 continue
@@ -74,6 +82,28 @@ class ShardDataset(IterableDataset):
             yield item
         rng.shuffle(buf)
         yield from buf
+
+    def __iter__(self) -> Iterator[dict]:
+        stream = self._shuffled()
+        if self.batch_slice is not None:
+            stream = ranks_slice(stream, *self.batch_slice)
+        for sid, s in stream:
+            yield self._decode(sid, s)
+
+
+def ranks_slice(stream: Iterable, rank: int, world: int, global_batch: int) -> Iterator:
+    """Cut `stream` into global batches of `global_batch` items and yield this rank's contiguous
+    slice of each (rank r: items [r·b, (r+1)·b), b = global_batch / world); an incomplete last global
+    batch is dropped on every rank alike. Concatenating the ranks' slices in rank order (what
+    `dist.all_gather_cat` does) gives back each global batch exactly as one process would see it."""
+    if global_batch % world:
+        raise ValueError(f"global batch {global_batch} is not divisible by {world} ranks")
+    local, batch = global_batch // world, []
+    for item in stream:
+        batch.append(item)
+        if len(batch) == global_batch:
+            yield from batch[rank * local:(rank + 1) * local]
+            batch = []
 
 
 def make_loader(ds: ShardDataset, batch_size: int, workers: int = 0, drop_last: bool = False) -> DataLoader:

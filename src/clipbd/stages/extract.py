@@ -7,6 +7,11 @@ trigger and target caption — but without augmentation. In-batch scoring (Huang
 the group's samples are cut into scoring batches of about `scoring.batch_size` in index order (a
 random order, since poisons are placed at random indices), and each sample is scored against the
 other samples of its batch.
+
+Scale-out: the groups are independent, so extraction is a job array. `extract.num_tasks=N
+extract.task=i` does the groups g with g % N == i (`extract.groups=[..]` names groups explicitly), and
+the ranks of one task share its groups out again. A scoring batch is always cut from one group in
+index order, whatever the layout of tasks and ranks, so any split gives bit-identical files.
 """
 
 from __future__ import annotations
@@ -51,6 +56,21 @@ def group_paths(cfg: DictConfig, num_shards: int) -> list[tuple[Path, list[int]]
     out_dir = Path(cfg.run_dir) / "shards"
     return [(out_dir / f"extract-{g:05d}.h5", list(range(s, min(s + per, num_shards))))
             for g, s in enumerate(range(0, num_shards, per))]
+
+
+def task_groups(cfg: DictConfig, n_groups: int) -> list[int]:
+    """The groups this array task extracts: `extract.groups` if set, else g ≡ task (mod num_tasks)."""
+    ec = cfg.extract
+    if ec.groups is not None:
+        bad = [g for g in ec.groups if not 0 <= g < n_groups]
+        if bad:
+            raise ConfigError(f"extract.groups={list(ec.groups)}: group(s) {bad} out of range; this run has "
+                              f"{n_groups} groups (0..{n_groups - 1})")
+        return sorted(set(ec.groups))
+    if ec.num_tasks < 1 or not 0 <= ec.task < ec.num_tasks:
+        raise ConfigError(f"extract.task={ec.task}, extract.num_tasks={ec.num_tasks}: need num_tasks ≥ 1 and "
+                          f"0 ≤ task < num_tasks (in a SLURM array: extract.task=${{oc.env:SLURM_ARRAY_TASK_ID}})")
+    return list(range(ec.task, n_groups, ec.num_tasks))
 
 
 def is_group_done(path: Path, key: str) -> bool:
@@ -137,8 +157,10 @@ def main(cfg: DictConfig) -> dict[str, Path]:
         raise ConfigError(f"scoring.reference={cfg.scoring.reference}: only 'batch' is implemented so far")
     index = load_index(cfg)
     groups = group_paths(cfg, len(index.shards))
-    todo = [(p, ids) for g, (p, ids) in enumerate(groups) if g % info.world == info.rank and not is_group_done(p, key)]
-    log.info("extract: %d of %d groups to do", len(todo), len(groups))
+    mine = task_groups(cfg, len(groups))[info.rank::info.world]
+    todo = [groups[g] for g in mine if not is_group_done(groups[g][0], key)]
+    log.info("extract: %d of %d groups to do (%d of this task/rank already done)", len(todo), len(groups),
+             len(mine) - len(todo))
     if todo:
         bundle = factory.create_trained(cfg, device=info.device)
         lookup = PoisonLookup.load(Path(cfg.run_dir) / "poison_plan.json")

@@ -2,7 +2,12 @@
 
 AdamW (no weight decay on gains, biases and the logit scale, as OpenCLIP), linear warmup then cosine
 decay per step, a checkpoint at the end of every epoch (`checkpoints/epoch_N.pt`, `latest.pt`), and
-resumption from `latest.pt` when the stage is re-run after an interruption.
+resumption from `latest.pt` when the stage is re-run after an interruption (or requeued by SLURM).
+
+Under DDP every rank reads the same shuffled sample stream and takes its slice of each global batch
+(`loader.ranks_slice`), and the loss is computed on the features gathered from all ranks: any number
+of ranks sees the same global batches and follows the same loss curve as one process (up to float
+rounding). Per-step losses of the global batch go to `train_loss.csv`.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from clipbd.attacks.plan import PoisonLookup
 from clipbd.data.loader import ShardDataset, make_loader
 from clipbd.data.sources import load_index
 from clipbd.models import factory
-from clipbd.models.loss import clip_loss
+from clipbd.detectors.abl import LossRecorder
+from clipbd.models.loss import clip_loss, clip_loss_per_sample
 from clipbd.registry import ConfigError
 from clipbd.runstate import stage_key
 from clipbd.stages.poison import build_attack
@@ -78,6 +84,15 @@ def _save(ckpt_dir: Path, epoch: int, key: str, bundle, opt) -> Path:
     return path
 
 
+def _append_losses(path: Path, epoch: int, first_step: int, losses: list[float], lrs: list[float]) -> None:
+    """One row per optimizer step (step, epoch, loss, lr); an epoch's rows are written once it is done."""
+    new = not path.exists() or epoch == 0
+    with open(path, "w" if new else "a") as fh:
+        if new:
+            fh.write("step,epoch,loss,lr\n")
+        fh.writelines(f"{first_step + i},{epoch + 1},{v!r},{lr!r}\n" for i, (v, lr) in enumerate(zip(losses, lrs)))
+
+
 def main(cfg: DictConfig) -> dict[str, Path]:
     tc, info = cfg.train, dist.info()
     ckpt_dir = Path(cfg.run_dir) / "checkpoints"
@@ -101,13 +116,15 @@ def main(cfg: DictConfig) -> dict[str, Path]:
     start = _resume(ckpt_dir, key, model, opt)
     use_amp = cfg.model.precision in ("amp", "bf16") and info.device.startswith("cuda")
     amp_dtype = torch.bfloat16 if cfg.model.precision == "bf16" else torch.float16
-    shard_ids = list(range(len(index.shards)))[info.rank::info.world]
+    shard_ids = list(range(len(index.shards)))  # every rank reads all; ranks_slice splits the batches
     for epoch in range(start, tc.epochs):
         ds = ShardDataset(index, shard_ids, bundle.to_tensor(), lookup, attack,
-                          shuffle_seed=derive_seed(cfg.seed, f"shuffle/{epoch}"), buffer=tc.shuffle_buffer)
+                          shuffle_seed=derive_seed(cfg.seed, f"shuffle/{epoch}"), buffer=tc.shuffle_buffer,
+                          batch_slice=(info.rank, info.world, tc.batch_size))
         loader = make_loader(ds, local_bs, tc.workers, drop_last=True)
         model.train()
-        t0, losses = time.time(), []
+        t0, losses, lrs = time.time(), [], []
+        per_sample = LossRecorder(len(index))  # each sample's own loss this epoch (ABL detector)
         bar = progress(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False)
         for i, batch in enumerate(bar):
             if i >= steps_per_epoch:
@@ -127,7 +144,10 @@ def main(cfg: DictConfig) -> dict[str, Path]:
             opt.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))
-            losses.append(loss.item() / info.world)
+            losses.append(loss.item() / info.world)  # the loss of the whole global batch (same on every rank)
+            lrs.append(opt.param_groups[0]["lr"])
+            per_sample.add(batch["index"], clip_loss_per_sample(out["image_features"].float(),
+                                                                 out["text_features"].float(), out["logit_scale"]))
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
             if step % tc.log_every == 0:
@@ -136,7 +156,10 @@ def main(cfg: DictConfig) -> dict[str, Path]:
         mean_loss = sum(losses) / max(1, len(losses))
         log.info("epoch %d/%d  loss %.4f  %.1f s", epoch + 1, tc.epochs, mean_loss, time.time() - t0)
         tracking.log({"train/epoch_loss": mean_loss, "train/epoch": epoch + 1}, step=(epoch + 1) * steps_per_epoch - 1)
+        per_sample.merge(dist.all_reduce_sum, info.device)
         if dist.is_main():
+            per_sample.write(cfg.run_dir, epoch + 1, key)  # before the checkpoint: resuming never lacks it
             _save(ckpt_dir, epoch + 1, key, bundle, opt)
+            _append_losses(Path(cfg.run_dir) / "train_loss.csv", epoch, epoch * steps_per_epoch, losses, lrs)
         dist.barrier()
     return {"checkpoint": ckpt_dir / "latest.pt"}

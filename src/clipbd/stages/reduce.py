@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import shlex
 from pathlib import Path
 
 import h5py
@@ -37,16 +38,31 @@ def _describe(indices: np.ndarray, index) -> str:
     return f"{len(indices)} (first: {indices[:10].tolist()}; in shards {', '.join(where[:5])})"
 
 
+_PER_JOB = ("stages=", "extract.task=", "extract.num_tasks=", "extract.groups=", "force=", "run_dir=", "hydra.")
+
+
+def rerun_command(cfg: DictConfig, groups: list[int]) -> str:
+    """The command that extracts only `groups` of this run and reduces again (the run's own
+    overrides from meta.json, minus the per-job ones)."""
+    run_dir = Path(cfg.run_dir)
+    meta = read_json(run_dir / "meta.json") if (run_dir / "meta.json").exists() else {}
+    kept = [o for o in meta.get("overrides") or [] if not o.lstrip("+~").startswith(_PER_JOB)]
+    args = [shlex.quote(o) for o in kept] + [f"hydra.run.dir={shlex.quote(str(run_dir))}",
+                                             "'stages=[extract,reduce]'", f"'extract.groups=[{','.join(map(str, groups))}]'"]
+    return "python -m clipbd.run " + " ".join(args)
+
+
 def gather(cfg: DictConfig, index) -> dict:
     """Concatenate all extraction groups; refuse if a group, a sample, or uniqueness is missing."""
     groups = group_paths(cfg, len(index.shards))
-    missing = [(p, ids) for p, ids in groups if not p.exists()]
+    missing = [g for g, (p, _) in enumerate(groups) if not p.exists()]
     if missing:
-        names = ", ".join(p.name for p, _ in missing[:5])
-        shards = [Path(index.shards[i]).name for _, ids in missing for i in ids]
+        names = ", ".join(groups[g][0].name for g in missing[:5])
+        shards = [Path(index.shards[i]).name for g in missing for i in groups[g][1]]
         raise CoverageError(f"reduce: {len(missing)} of {len(groups)} extraction files missing ({names}"
                             f"{', ...' if len(missing) > 5 else ''}) covering shards {', '.join(shards[:8])}"
-                            f"{', ...' if len(shards) > 8 else ''}; re-run with stages=[extract,reduce]")
+                            f"{', ...' if len(shards) > 8 else ''}; re-run only those with: "
+                            f"{rerun_command(cfg, missing)}")
     cols: dict[str, list] = {}
     for p, _ in groups:
         with h5py.File(p, "r") as f:
