@@ -20,3 +20,18 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     labels = torch.arange(logits.shape[0], device=logits.device)
     loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
     return loss * dist.world()
+
+
+@torch.no_grad()
+def clip_loss_per_sample(image_features: torch.Tensor, text_features: torch.Tensor,
+                         logit_scale: torch.Tensor) -> torch.Tensor:
+    """Each local pair's own share of `clip_loss` [n_local]: (CE of its image over all captions + CE of
+    its caption over all images) / 2 within the global batch; the mean over the global batch is the
+    loss. No gradient (recorded for ABL-style loss tracking, clipbd.detectors.abl)."""
+    all_img = dist.all_gather_cat(image_features.detach())  # [N, D]
+    all_txt = dist.all_gather_cat(text_features.detach())  # [N, D]
+    logits = logit_scale.detach() * all_img @ all_txt.T  # [N, N]
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    per = (F.cross_entropy(logits, labels, reduction="none") + F.cross_entropy(logits.T, labels, reduction="none")) / 2
+    n = image_features.shape[0]
+    return per[dist.rank() * n:(dist.rank() + 1) * n]
