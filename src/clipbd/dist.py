@@ -32,6 +32,11 @@ def _from_env() -> tuple[int, int, int]:
     env = os.environ
     if "WORLD_SIZE" in env and "RANK" in env:  # torchrun, or submitit's TorchDistributedEnvironment
         return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if env.get("SUBMITIT_EXECUTOR") == "local":  # submitit's local executor (tasks_per_node > 1)
+        import submitit
+
+        je = submitit.JobEnvironment()
+        return je.global_rank, je.num_tasks, je.local_rank
     if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:  # srun with several tasks
         return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
     return 0, 1, 0
