@@ -79,9 +79,21 @@ class ExtractConfig:
 
 @dataclass
 class ScoringConfig:
-    reference: str = "batch"  # batch: each sample against the rest of its scoring batch (paper)
+    """What neighbourhood detectors and the isolation forest score against (docs/detectors.md)."""
+
+    # batch: each sample against the rest of its scoring batch (the paper); bank: against a fixed
+    # reference sample; global: against every training sample (faiss). bank/global are scored by reduce.
+    reference: str = "batch"
     batch_size: int = 1024  # in-batch scoring batch (the paper's global batch)
-    features: str = "image"  # image | text | image+text (reference rows from both towers)
+    # image | text | image+text (query: image rows; reference: image and caption rows, as the paper)
+    features: str = "image"
+    bank_size: int = 4096  # bank: reference rows drawn with the seed from bank_source (all if fewer)
+    # bank: train (random training samples, poisoned ones included as drawn) | test (the held-out test
+    # shards, clean) | shards (a brace pattern, glob, directory or list of clean image-text shards)
+    bank_source: Any = "train"
+    index: str = "auto"  # global: flat (exact) | ivf (approximate) | auto (flat up to 200k rows)
+    ivf_nlist: Optional[int] = None  # global + ivf: inverted lists (default about 4 sqrt(rows))
+    ivf_nprobe: int = 32  # global + ivf: lists searched per query (recall vs time)
 
 
 @dataclass

@@ -167,6 +167,35 @@ def exact_knn(query, reference=None, k: int = 16, *, chunk_size: int | None = No
 # ----------------------------------------------------------------------------- scores from distances
 
 
+def distance_floor(reference) -> float:
+    """The textbook distance clamp of a reference set [m, d]: DIST_FLOOR_REL x its RMS spread."""
+    r = torch.as_tensor(reference).detach().to(torch.float64)
+    rms = math.sqrt(float(((r - r.mean(0)) ** 2).sum(1).mean())) if r.shape[0] else 0.0
+    return DIST_FLOOR_REL * rms if rms > 0 else math.sqrt(torch.finfo(torch.float64).tiny)
+
+
+def reference_stats(dist: torch.Tensor, *, floor: float, est_type: str = "mle"):
+    """Textbook (r_k(o), LID(o)) [u] of reference rows from their sorted distances to the k nearest
+    other reference rows, dist float64 [u, k] (used by the bank/global reference sets)."""
+    return _reference_stats(dist, False, est_type, floor)
+
+
+def scores_from_neighbours(q_dist: torch.Tensor, rk_o: torch.Tensor, lid_o: torch.Tensor, methods, *,
+                           floor: float) -> dict[str, np.ndarray]:
+    """Textbook scores from each query's sorted k-NN distances q_dist [n, k] (float64) and its
+    neighbours' r_k(o) and LID(o) [n, k] (from `reference_stats`); {method: float64 [n]}.
+    The same arithmetic as `knn_scores(convention="textbook")`, for neighbours found elsewhere."""
+    methods = _check_choices(methods, "textbook", "mle")
+    k = q_dist.shape[1]
+    scores, kdist = _query_scores(q_dist, k, methods, False, floor)
+    if "slof" in methods:
+        scores["slof"] = (kdist[:, None] / rk_o).mean(1)
+    if "dao" in methods:
+        scores["dao"] = _dao(lid_o * torch.log(kdist[:, None] / rk_o), False)
+    return {m: scores[m].detach().to("cpu", torch.float64).numpy() for m in methods}
+
+
+
 def _query_scores(q_dist, k, methods, faithful, floor):
     """kdist / lid / lid_mom of each query from its sorted neighbour distances [n, k (+1 faithful)]."""
     if faithful:

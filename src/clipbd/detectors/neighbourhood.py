@@ -7,6 +7,7 @@ detectors that share (k, convention) so one distance computation serves all of t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 METHODS = ("kdist", "lid", "lid_mom", "slof", "dao")
 
@@ -16,6 +17,7 @@ class Neighbourhood:
     method: str
     k: int = 16
     convention: str = "textbook"  # textbook | faithful (the published code's arithmetic)
+    needs: ClassVar[str] = "neighbourhood"  # scored against scoring.reference (clipbd.scoring)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -1,4 +1,4 @@
-"""Stage `extract`: embeddings and in-batch detector scores of every training sample.
+"""Stage `extract`: embeddings and per-sample detector scores of every training sample.
 
 Input shards are split into groups of `extract.shards_per_group`; each group becomes one
 `shards/extract-XXXXX.h5` (written to a temp name, then renamed; a complete file from the same
@@ -6,7 +6,11 @@ config is skipped on re-run). Samples are seen exactly as in training — poison
 trigger and target caption — but without augmentation. In-batch scoring (Huang et al., 2025, §3):
 the group's samples are cut into scoring batches of about `scoring.batch_size` in index order (a
 random order, since poisons are placed at random indices), and each sample is scored against the
-other samples of its batch.
+other samples of its batch. Other detectors (clipbd.scoring): Cognitive Distillation runs on each
+image during the embedding pass, CLIPScore on each image-caption pair, ABL reads the pretrain stage's
+per-sample losses. With `scoring.reference=bank|global` the neighbourhood detectors and the isolation
+forest are scored by `reduce` instead, once every group exists; a held-out bank
+(`scoring.bank_source=test|<shards>`) is embedded here into `shards/bank.h5` by the task that has group 0.
 
 Scale-out: the groups are independent, so extraction is a job array. `extract.num_tasks=N
 extract.task=i` does the groups g with g % N == i (`extract.groups=[..]` names groups explicitly), and
@@ -26,16 +30,17 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from clipbd import dist
+from clipbd import dist, scoring
 from clipbd.attacks.plan import PoisonLookup
 from clipbd.data.loader import ShardDataset, make_loader
-from clipbd.data.sources import load_index
-from clipbd.detectors.knn import knn_scores
+from clipbd.data.shards import build_index, expand_shards
+from clipbd.data.sources import load_index, test_shards
+from clipbd.detectors.reference import draw_bank
 from clipbd.models import factory
 from clipbd.registry import ConfigError, build
 from clipbd.runstate import stage_key
 from clipbd.stages.poison import build_attack
-from clipbd.utils import atomic_path, progress
+from clipbd.utils import atomic_path, progress, rng
 
 DEPENDS = ("model.name", "model.checkpoint", "extract.shards_per_group", "scoring", "detector", "seed")
 UPSTREAM = ("data", "poison", "pretrain")
@@ -81,10 +86,14 @@ def is_group_done(path: Path, key: str) -> bool:
 
 
 @torch.no_grad()
-def embed(bundle, loader, device: str, desc: str) -> dict[str, np.ndarray | list]:
-    """Raw (unnormalised) image and text embeddings, in loader order."""
+def embed(bundle, loader, device: str, desc: str, score_images=None) -> dict[str, np.ndarray | list]:
+    """Raw (unnormalised) image and text embeddings, in loader order; with `score_images`
+    (clipbd.scoring.image_scorer) also the image detectors' scores as `scores/<name>`."""
     cols: dict[str, list] = defaultdict(list)
     for batch in progress(loader, desc=desc, leave=False):
+        if score_images is not None:
+            for name, s in score_images(batch["image"].to(device)).items():
+                cols[f"scores/{name}"].append(torch.from_numpy(s))
         images = bundle.normalize(batch["image"].to(device))
         texts = bundle.tokenizer(batch["caption"]).to(device)
         cols["image_emb"].append(bundle.model.encode_image(images).float().cpu())
@@ -101,36 +110,51 @@ def embed(bundle, loader, device: str, desc: str) -> dict[str, np.ndarray | list
     return out
 
 
-def scoring_features(emb: dict, kind: str) -> np.ndarray:
-    if kind == "image":
-        return emb["image_emb"]
-    if kind == "text":
-        return emb["text_emb"]
-    if kind == "image+text":
-        return np.concatenate([emb["image_emb"], emb["text_emb"]], axis=1)
-    raise ConfigError(f"scoring.features={kind}: must be image, text or image+text")
-
-
-def score_in_batch(feats: np.ndarray, detectors: dict, batch_size: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Scores of every row against the other rows of its scoring batch; also each row's batch id."""
-    n = len(feats)
-    n_batches = max(1, int(round(n / batch_size)))
+def group_scores(cfg: DictConfig, emb: dict, detectors: dict) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The scores extract writes for one group: image detectors (already in `emb`), pair and training
+    detectors, and the reference-set detectors when scoring.reference=batch; each sample's batch id."""
+    n = len(emb["index"])
+    scores = {k.split("/", 1)[1]: emb.pop(k) for k in list(emb) if k.startswith("scores/")}
+    in_batch = cfg.scoring.reference == "batch"
+    if n == 0:
+        names = [m for m, d in detectors.items() if in_batch or d.needs not in scoring.ON_REFERENCE]
+        return {m: np.empty(0) for m in names}, np.empty(0, dtype=np.int32)
+    scores |= scoring.pair_scores(emb, detectors) | scoring.training_scores(emb, detectors, cfg.run_dir)
     batch_id = np.zeros(n, dtype=np.int32)
-    scores = {name: np.empty(n, dtype=np.float64) for name in detectors}
-    groups: dict[tuple, list[str]] = defaultdict(list)
-    for name, det in detectors.items():
-        groups[det.group].append(name)
-    for b, rows in enumerate(np.array_split(np.arange(n), n_batches)):
-        batch_id[rows] = b
-        for (k, convention), names in groups.items():
-            if k >= len(rows):
-                raise ConfigError(f"detector k={k} must be < the scoring batch size {len(rows)} "
-                                  f"(scoring.batch_size={batch_size}, {n} samples in this group)")
-            methods = tuple(dict.fromkeys(detectors[nm].method for nm in names))
-            res = knn_scores(torch.from_numpy(feats[rows]), None, k=k, methods=methods, convention=convention)
-            for nm in names:
-                scores[nm][rows] = res[detectors[nm].method]
+    if in_batch:
+        ref_scores, batch_id = scoring.score_in_batch(emb, detectors, cfg.scoring, cfg.seed)
+        scores |= ref_scores
     return scores, batch_id
+
+
+def bank_path(cfg: DictConfig) -> Path:
+    return Path(cfg.run_dir) / "shards" / "bank.h5"
+
+
+def extract_bank(cfg: DictConfig, key: str, device: str) -> None:
+    """scoring.reference=bank from held-out shards: embed them (clean, no trigger) once into
+    shards/bank.h5, keeping `scoring.bank_size` rows drawn with the seed."""
+    sc = cfg.scoring
+    path = bank_path(cfg)
+    if sc.reference != "bank" or sc.bank_source == "train" or is_group_done(path, key):
+        return
+    shards = test_shards(cfg) if sc.bank_source == "test" else expand_shards(sc.bank_source)
+    if not shards:
+        raise ConfigError(f"scoring.bank_source={sc.bank_source}: no shards (the run has no test split?)")
+    bank_index = build_index(shards, progress=False)
+    bundle = factory.create_trained(cfg, device=device)
+    ds = ShardDataset(bank_index, range(len(bank_index.shards)), bundle.to_tensor())
+    emb = embed(bundle, make_loader(ds, cfg.extract.batch_size, cfg.extract.workers), device, path.name)
+    rows = draw_bank(len(emb["index"]), sc.bank_size, rng(cfg.seed, "bank"))
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["stage_key"] = key
+        f.attrs["producer"] = "clipbd.stages.extract (held-out bank)"
+        f.attrs["shards"] = np.array(shards, dtype=h5py.string_dtype())
+        f["index"] = emb["index"][rows].astype(np.int64)  # position in the held-out shards
+        f["key"] = np.array([emb["key"][i] for i in rows], dtype=h5py.string_dtype())
+        f["image_emb"] = emb["image_emb"][rows]
+        f["text_emb"] = emb["text_emb"][rows]
+    log.info("wrote %s (%d of %d held-out samples)", path.name, len(rows), len(emb["index"]))
 
 
 def write_group(path: Path, key: str, emb: dict, scores: dict, batch_id: np.ndarray, shards: list[str]) -> None:
@@ -153,8 +177,7 @@ def main(cfg: DictConfig) -> dict[str, Path]:
     info = dist.info()
     key = stage_key(cfg, "extract")
     detectors = build_detectors(cfg)
-    if cfg.scoring.reference != "batch":
-        raise ConfigError(f"scoring.reference={cfg.scoring.reference}: only 'batch' is implemented so far")
+    scoring.check(cfg.scoring, detectors)
     index = load_index(cfg)
     groups = group_paths(cfg, len(index.shards))
     mine = task_groups(cfg, len(groups))[info.rank::info.world]
@@ -167,13 +190,13 @@ def main(cfg: DictConfig) -> dict[str, Path]:
         attack = build_attack(cfg)
         for path, ids in todo:
             ds = ShardDataset(index, ids, bundle.to_tensor(), lookup, attack)
-            emb = embed(bundle, make_loader(ds, cfg.extract.batch_size, cfg.extract.workers), info.device, path.name)
-            if len(emb["index"]) == 0:
-                scores, batch_id = {n: np.empty(0) for n in detectors}, np.empty(0, dtype=np.int32)
-            else:
-                feats = scoring_features(emb, cfg.scoring.features)
-                scores, batch_id = score_in_batch(feats, detectors, cfg.scoring.batch_size)
+            score_images = scoring.image_scorer(bundle, detectors, cfg.seed, path.stem, info.device)
+            emb = embed(bundle, make_loader(ds, cfg.extract.batch_size, cfg.extract.workers), info.device,
+                        path.name, score_images)
+            scores, batch_id = group_scores(cfg, emb, detectors)
             write_group(path, key, emb, scores, batch_id, [index.shards[i] for i in ids])
             log.info("wrote %s (%d samples)", path.name, len(emb["index"]))
+    if 0 in mine:  # one task/rank also embeds a held-out bank (scoring.reference=bank)
+        extract_bank(cfg, key, info.device)
     dist.barrier()
     return {p.name: p for p, _ in groups}

@@ -15,15 +15,15 @@ import h5py
 import numpy as np
 from omegaconf import DictConfig
 
-from clipbd import dist
+from clipbd import dist, scoring
 from clipbd.attacks.plan import PoisonLookup
 from clipbd.data.sources import load_index
 from clipbd.metrics import detection_metrics
 from clipbd.plots import roc_plot, score_histograms
-from clipbd.stages.extract import group_paths
+from clipbd.stages.extract import bank_path, build_detectors, group_paths
 from clipbd.utils import atomic_path, read_json, write_json
 
-DEPENDS = ("detector",)
+DEPENDS = ("detector", "scoring", "seed")
 UPSTREAM = ("data", "poison", "extract")
 log = logging.getLogger("clipbd")
 
@@ -119,6 +119,44 @@ def update_metrics(run_dir: Path, prefix: str, new: dict) -> dict:
     return merged
 
 
+def load_embeddings(paths: list[Path], order: np.ndarray) -> dict[str, np.ndarray]:
+    """image_emb, text_emb of every sample, rows in the order of global indices `order`."""
+    cols: dict[str, list] = {"index": [], "image_emb": [], "text_emb": []}
+    for p in paths:
+        with h5py.File(p, "r") as f:
+            if f["index"].shape[0]:
+                for n in cols:
+                    cols[n].append(f[n][()])
+    emb = {n: np.concatenate(v) for n, v in cols.items()}
+    pos = np.argsort(emb["index"], kind="stable")
+    if not np.array_equal(emb["index"][pos], order):
+        raise CoverageError("reduce: embeddings do not cover the scored samples; re-run extract")
+    return {n: v[pos] for n, v in emb.items()}
+
+
+def reference_set_scores(cfg: DictConfig, data: dict) -> dict[str, np.ndarray]:
+    """With scoring.reference=bank|global: the neighbourhood detectors and the isolation forest,
+    scored here on every sample's embeddings (clipbd.scoring); {"scores/<name>": float64 [N]}."""
+    sc = cfg.scoring
+    detectors = scoring.by_need(build_detectors(cfg), *scoring.ON_REFERENCE)
+    if sc.reference == "batch" or not detectors:
+        return {}
+    index = load_index(cfg)
+    emb = load_embeddings([p for p, _ in group_paths(cfg, len(index.shards))], data["index"])
+    if sc.reference == "global":
+        scores = scoring.score_global(emb, detectors, sc, cfg.seed)
+    else:
+        bank = None
+        if sc.bank_source != "train":
+            path = bank_path(cfg)
+            if not path.exists():
+                raise FileNotFoundError(f"{path} is missing: re-run extract (it embeds the held-out bank)")
+            with h5py.File(path, "r") as f:
+                bank = {n: f[n][()] for n in ("image_emb", "text_emb")}
+        scores = scoring.score_bank(emb, bank, detectors, sc, cfg.seed)
+    return {f"scores/{n}": s for n, s in scores.items()}
+
+
 def main(cfg: DictConfig) -> dict[str, Path]:
     run_dir = Path(cfg.run_dir)
     out = {"scores": run_dir / "scores.h5", "ranked": run_dir / "ranked.csv", "metrics": run_dir / "metrics.json"}
@@ -126,6 +164,7 @@ def main(cfg: DictConfig) -> dict[str, Path]:
         return out
     index = load_index(cfg)
     data = gather(cfg, index)
+    data |= reference_set_scores(cfg, data)
     detectors = list(cfg.detector.keys())
     plan = PoisonLookup.load(run_dir / "poison_plan.json")
     labels = plan.labels(len(index)) if len(plan.indices) else None
