@@ -129,6 +129,8 @@ class ClipbdConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     attack: Optional[Dict[str, Any]] = None  # `_target_` node (conf/attack/); null: no poisoning
+    # `_target_` node (conf/encoder_attack/) for `python -m clipbd.attacks.encoder`; null elsewhere
+    encoder_attack: Optional[Dict[str, Any]] = None
     detector: Dict[str, Any] = field(default_factory=dict)  # name -> `_target_` node (conf/detector/)
     train: TrainConfig = field(default_factory=TrainConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)

@@ -43,11 +43,13 @@ def accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
 
 
 def attack_success(pred: np.ndarray, labels: np.ndarray, target: int) -> dict[str, float]:
-    """ASR over triggered images whose true class is not the target (`asr`), and over all
-    triggered images (`asr_incl_target`)."""
+    """Predictions of triggered images -> `asr`: share of the images whose true class is not the
+    target that are classified as the target; `asr_incl_target`: the same over all images;
+    `bd_acc`: share of the non-target images still classified as their true class."""
     pred, labels = np.asarray(pred), np.asarray(labels)
     hit = pred == target
     non_target = labels != target
     if not non_target.any():
         raise ValueError("ASR needs test images whose class is not the target")
-    return {"asr": float(hit[non_target].mean()), "asr_incl_target": float(hit.mean())}
+    return {"asr": float(hit[non_target].mean()), "asr_incl_target": float(hit.mean()),
+            "bd_acc": float((pred == labels)[non_target].mean())}

@@ -1,19 +1,28 @@
 """BadNets (Gu et al., 2017) as used on CLIP by Carlini & Terzis (2022) and Huang et al. (ICLR 2025):
 a black/white grid patch pasted at a random position of each poisoned training image, whose caption
 is replaced by a caption naming the target class. At test time the patch goes at a fixed position.
+
+The clean-label variant (Turner et al. 2019's threat model on image–text data) poisons only samples
+whose caption already names the target class and leaves every caption unchanged: the patch is the
+only thing the attacker adds.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from clipbd.attacks.plan import choose_indices
+from clipbd.attacks import triggers
+from clipbd.attacks.base import Attack
+
+log = logging.getLogger("clipbd")
 
 
-class BadNets:
+class BadNets(Attack):
     name = "badnets"
 
     def __init__(self, poison_rate: float = 1e-4, target_class: str = "banana",
@@ -23,62 +32,70 @@ class BadNets:
         grid: cells per side of the black/white checkerboard. Positions are fractions (x, y) of the
         free range [0, size − patch]: (1, 1) is the bottom-right corner.
         target_captions: poison captions to draw from; None = the dataset's prompts for target_class."""
-        if patch_size < 1 or grid < 1 or patch_size % grid:
-            raise ValueError(f"attack.patch_size={patch_size}, attack.grid={grid}: need patch_size ≥ 1 "
-                             f"and a multiple of grid")
+        super().__init__(poison_rate, target_class, target_captions)
+        triggers.checkerboard(int(patch_size), int(grid))  # validates patch_size/grid
         if train_position not in ("random", "fixed"):
             raise ValueError(f"attack.train_position={train_position}: must be random or fixed")
-        self.poison_rate = float(poison_rate)
-        self.target_class = target_class
-        self.target_captions = list(target_captions) if target_captions else None
         self.patch_size = int(patch_size)
         self.grid = int(grid)
         self.train_position = train_position
         self.test_position = tuple(float(v) for v in test_position)
 
-    # ------------------------------------------------------------------ plan (which samples, how)
-    def plan(self, num_samples: int, rng: np.random.Generator, caption_pool: Sequence[str]) -> dict[str, Any]:
-        idx = choose_indices(num_samples, self.poison_rate, rng)
-        pool = self.target_captions or list(caption_pool)
-        if not pool:
-            raise ValueError("attack: no target captions (set attack.target_captions or dataset.prompts)")
+    def header(self) -> dict[str, Any]:
+        return {"patch_size": self.patch_size, "patch_location": self.train_position}
+
+    def sample_params(self, idx: np.ndarray, rng: np.random.Generator, ctx: Any) -> dict[str, list]:
         if self.train_position == "random":
-            pos = rng.random((len(idx), 2)).round(6).tolist()
-        else:
-            pos = [list(self.test_position)] * len(idx)
-        texts = [pool[i] for i in rng.integers(0, len(pool), size=len(idx))]
-        return {
-            "attack": self.name, "threat_model": "single", "num_samples": int(num_samples),
-            "poison_rate": self.poison_rate, "poison_count": int(len(idx)),
-            "backdoor_label": self.target_class, "target_class": self.target_class,
-            "patch_size": self.patch_size, "patch_location": self.train_position,
-            "poison_indices": idx.tolist(), "poison_text": texts, "trigger_position": pos,
-        }
+            return {"trigger_position": rng.random((len(idx), 2)).round(6).tolist()}
+        return {"trigger_position": [list(self.test_position)] * len(idx)}
 
     # ------------------------------------------------------------------ triggers (pure)
     def pattern(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """[patch, patch] checkerboard of 0/1, `grid` cells per side."""
-        cell = self.patch_size // self.grid
-        ij = torch.arange(self.grid, device=device)
-        board = ((ij[:, None] + ij[None, :]) % 2).float()
-        return board.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
+        return triggers.checkerboard(self.patch_size, self.grid).to(device)
 
     def stamp(self, img: torch.Tensor, position: Sequence[float]) -> torch.Tensor:
         """img [3, H, W] (or [B, 3, H, W]) in [0, 1] -> copy with the patch at fractional `position`."""
-        h, w = img.shape[-2:]
-        p = self.patch_size
-        if p > min(h, w):
-            raise ValueError(f"attack.patch_size={p} is larger than the {h}×{w} image")
-        x = int(round(float(position[0]) * (w - p)))
-        y = int(round(float(position[1]) * (h - p)))
-        out = img.clone()
-        out[..., y:y + p, x:x + p] = self.pattern(img.device).to(img.dtype)
-        return out
+        return triggers.paste(img, self.pattern(img.device), position)
+
+    def trigger(self, img: torch.Tensor, entry: dict[str, Any] | None) -> torch.Tensor:
+        return self.stamp(img, self.test_position if entry is None else entry["trigger_position"])
+
+    def mask_and_pattern(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The test-time trigger as DECREE's (mask [1, H, W], pattern [3, H, W])."""
+        mask = triggers.paste(torch.zeros(1, h, w), torch.ones(1, self.patch_size, self.patch_size),
+                              self.test_position)
+        return mask, self.stamp(torch.zeros(3, h, w), self.test_position) * mask
+
+
+class CleanLabelBadNets(BadNets):
+    """BadNets on samples whose caption already names `target_class`; captions stay unchanged.
+
+    poison_rate is a share of the whole training set (as for BadNets); if fewer captions name the
+    target, all of them are poisoned and the plan records how many there were (`candidates`)."""
+
+    name = "badnets_clean_label"
+
+    def header(self) -> dict[str, Any]:
+        return {**super().header(), "label_mode": "clean", "candidates": getattr(self, "_candidates", None)}
+
+    def choose(self, num_samples: int, rng: np.random.Generator, ctx: Any) -> np.ndarray:
+        if ctx is None:
+            raise ValueError("attack=badnets_clean_label needs the training captions (a PlanContext)")
+        word = re.compile(rf"\b{re.escape(self.target_class)}\b", re.IGNORECASE)
+        cand = np.array([i for i, c in enumerate(ctx.captions()) if word.search(c)], dtype=np.int64)
+        self._candidates = int(len(cand))
+        want = 0 if self.poison_rate == 0 else max(1, int(round(self.poison_rate * num_samples)))
+        if want > len(cand):
+            log.warning("badnets_clean_label: %d poisons wanted but only %d captions name %r; poisoning all",
+                        want, len(cand), self.target_class)
+        return np.sort(rng.choice(cand, size=min(want, len(cand)), replace=False)).astype(np.int64)
+
+    def captions_for(self, idx: np.ndarray, rng: np.random.Generator, pool: Sequence[str],
+                     ctx: Any) -> list[str]:
+        """The samples' own captions, recorded (not replaced)."""
+        caps = ctx.captions()
+        return [caps[i] for i in idx]
 
     def apply(self, img: torch.Tensor, caption: str, entry: dict[str, Any]) -> tuple[torch.Tensor, str]:
-        """A planned training sample: trigger at its recorded position, caption replaced."""
-        return self.stamp(img, entry["trigger_position"]), entry["poison_text"]
-
-    def apply_test(self, img: torch.Tensor) -> torch.Tensor:
-        """Test-time trigger (fixed position), for ASR."""
-        return self.stamp(img, self.test_position)
+        return self.trigger(img, entry), caption

@@ -37,9 +37,13 @@ class PoisonLookup:
         per_sample = {k: v for k, v in self.plan.items()
                       if isinstance(v, list) and len(v) == len(idx) and k != "poison_indices"}
         self._entries = {int(i): {k: v[j] for k, v in per_sample.items()} for j, i in enumerate(idx)}
+        # WaNet's noise mode: samples warped with noise that keep their caption; not poisoned.
+        for i, seed in zip(self.plan.get("noise_indices", []), self.plan.get("noise_seed", [])):
+            self._entries[int(i)] = {"noise": True, "noise_seed": seed}
         self.indices = np.asarray(idx, dtype=np.int64)
 
     def get(self, index: int) -> dict[str, Any] | None:
+        """The sample's plan entry (None: untouched); entry["noise"] marks a noise-mode sample."""
         return self._entries.get(int(index))
 
     def labels(self, num_samples: int) -> np.ndarray:

@@ -1,9 +1,16 @@
 """Stage `evaluate`: zero-shot clean accuracy on the held-out split, and the attack's success rate.
 
 Class embeddings average a prompt ensemble written the way the training captions are
-(`dataset.prompts`; for real data the 80 OpenAI ImageNet templates). ASR: triggered held-out images
-(trigger at the attack's test-time position) whose true class is not the target, classified as the
-target (`attack/asr`); the same over all images (`attack/asr_incl_target`).
+(`dataset.prompts`; for real data the 80 OpenAI ImageNet templates).
+
+Attack metrics (each test trigger is the attack's `apply_test`, documented per attack in
+docs/attacks.md, e.g. the BadNets patch at its fixed test position):
+  attack/asr              held-out images whose true class is not the target, triggered, classified
+                          as the target;
+  attack/asr_incl_target  the same over all held-out images;
+  attack/bd_acc           triggered non-target images still classified as their true class.
+A multi-trigger attack reports each member as attack/<trigger>/{asr,asr_incl_target,bd_acc} and
+their mean as attack/asr, attack/asr_incl_target, attack/bd_acc.
 """
 
 from __future__ import annotations
@@ -33,20 +40,58 @@ log = logging.getLogger("clipbd")
 
 
 @torch.no_grad()
-def predict(bundle, loader, class_emb: torch.Tensor, device: str, attack=None) -> tuple[np.ndarray, ...]:
-    """Zero-shot predictions of clean (and, with `attack`, triggered) images, and the labels."""
-    preds, bd_preds, labels = [], [], []
+def predict(bundle, loader, class_emb: torch.Tensor, device: str,
+            test_triggers: dict | None = None) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """Zero-shot predictions of the clean images, of the images under each test trigger
+    (name -> (fn, target)), and the labels."""
+    test_triggers = test_triggers or {}
+    preds, bd_preds, labels = [], {name: [] for name in test_triggers}, []
+    classify = lambda x: (F.normalize(bundle.model.encode_image(bundle.normalize(x)).float(), dim=-1)  # noqa: E731
+                          @ class_emb.T).argmax(1).cpu()
     for batch in progress(loader, desc="evaluate", leave=False):
         x = batch["image"].to(device)
-        feats = F.normalize(bundle.model.encode_image(bundle.normalize(x)).float(), dim=-1)
-        preds.append((feats @ class_emb.T).argmax(1).cpu())
-        if attack is not None:
-            xt = torch.stack([attack.apply_test(img) for img in x])
-            ft = F.normalize(bundle.model.encode_image(bundle.normalize(xt)).float(), dim=-1)
-            bd_preds.append((ft @ class_emb.T).argmax(1).cpu())
+        preds.append(classify(x))
+        for name, (fn, _) in test_triggers.items():
+            bd_preds[name].append(classify(torch.stack([fn(img) for img in x])))
         labels.append(batch["label"])
     cat = lambda xs: torch.cat(xs).numpy() if xs else np.zeros(0, dtype=np.int64)  # noqa: E731
-    return cat(preds), cat(bd_preds), cat(labels)
+    return cat(preds), {k: cat(v) for k, v in bd_preds.items()}, cat(labels)
+
+
+def attack_metrics(bd_preds: dict[str, np.ndarray], labels: np.ndarray, test_triggers: dict,
+                   classes: list[str]) -> dict[str, float]:
+    """attack/* metrics (module docstring) from the triggered predictions of each test trigger."""
+    per = {name: attack_success(bd_preds[name], labels, classes.index(target))
+           for name, (_, target) in test_triggers.items()}
+    if len(per) == 1:
+        return {f"attack/{k}": v for k, v in next(iter(per.values())).items()}
+    out = {f"attack/{name}/{k}": v for name, m in per.items() for k, v in m.items()}
+    for k in next(iter(per.values())):
+        out[f"attack/{k}"] = float(np.mean([m[k] for m in per.values()]))
+    return out
+
+
+def evaluate_model(cfg: DictConfig, bundle, attack, device: str) -> dict[str, float]:
+    """eval/clean_acc and (with `attack`) attack/* of `bundle` on the run's held-out shards."""
+    classes = class_names(cfg)
+    prompts = prompt_fn(cfg)
+    seed = derive_seed(cfg.seed, "zeroshot") % (2**31)
+    class_emb = class_embeddings(bundle.model, bundle.tokenizer,
+                                 [prompts(c, n=cfg.eval.prompts_per_class, seed=seed) for c in classes], device)
+    shards = test_shards(cfg)
+    ds = ShardDataset(build_index(shards, progress=False), range(len(shards)), bundle.to_tensor(),
+                      label_key=cfg.dataset.label_key)
+    triggers = attack.test_triggers() if attack is not None else {}
+    pred, bd_preds, labels = predict(bundle, make_loader(ds, cfg.eval.batch_size), class_emb, device, triggers)
+    if (labels < 0).any() or (labels >= len(classes)).any():
+        raise ValueError(f"evaluate: test labels outside [0, {len(classes)}) — is dataset.label_key="
+                         f"{cfg.dataset.label_key} the json field holding the class index?")
+    metrics = {"eval/clean_acc": accuracy(pred, labels)}
+    if triggers:
+        metrics |= attack_metrics(bd_preds, labels, triggers, classes)
+    log.info("evaluate: %s (chance %.3f, %d test images)",
+             "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()), 1 / len(classes), len(labels))
+    return metrics
 
 
 def main(cfg: DictConfig) -> dict[str, Path]:
@@ -60,25 +105,7 @@ def main(cfg: DictConfig) -> dict[str, Path]:
         return out
     info = dist.info()
     bundle = factory.create_trained(cfg, device=info.device)
-    classes = class_names(cfg)
-    prompts = prompt_fn(cfg)
-    seed = derive_seed(cfg.seed, "zeroshot") % (2**31)
-    class_emb = class_embeddings(bundle.model, bundle.tokenizer,
-                                 [prompts(c, n=cfg.eval.prompts_per_class, seed=seed) for c in classes], info.device)
-    attack = build_attack(cfg)
-    ds = ShardDataset(build_index(shards, progress=False), range(len(shards)), bundle.to_tensor(),
-                      label_key=cfg.dataset.label_key)
-    pred, bd_pred, labels = predict(bundle, make_loader(ds, cfg.eval.batch_size), class_emb, info.device, attack)
-    if (labels < 0).any() or (labels >= len(classes)).any():
-        raise ValueError(f"evaluate: test labels outside [0, {len(classes)}) — is dataset.label_key="
-                         f"{cfg.dataset.label_key} the json field holding the class index?")
-    metrics = {"eval/clean_acc": accuracy(pred, labels)}
-    if attack is not None:
-        target = classes.index(attack.target_class)
-        asr = attack_success(bd_pred, labels, target)
-        metrics |= {"attack/asr": asr["asr"], "attack/asr_incl_target": asr["asr_incl_target"]}
+    metrics = evaluate_model(cfg, bundle, build_attack(cfg), info.device)
     update_metrics(run_dir, "eval/", {k: v for k, v in metrics.items() if k.startswith("eval/")})
     update_metrics(run_dir, "attack/", {k: v for k, v in metrics.items() if k.startswith("attack/")})
-    log.info("evaluate: %s (chance %.3f, %d test images)",
-             "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()), 1 / len(classes), len(labels))
     return out
