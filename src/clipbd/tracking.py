@@ -45,8 +45,17 @@ def start(cfg: DictConfig) -> Iterator[Any]:
     )
     try:
         yield _RUN
-    finally:
+    except BaseException:
+        # Interrupted (an error, or SystemExit from submitit requeueing a preempted job): close W&B
+        # but never let its failure (its service may have been signalled too) hide the real exit.
+        try:
+            _RUN.finish(exit_code=1)
+        except Exception as e:  # noqa: BLE001
+            log.warning("W&B did not finish cleanly after an interruption: %s", e)
+        raise
+    else:
         _RUN.finish()
+    finally:
         _RUN = None
 
 
