@@ -17,7 +17,7 @@ from conftest import run_cli
 pytestmark = pytest.mark.slow
 
 DETECTORS = ["dao", "slof", "kdist", "lid"]
-EXPECTED_KEYS = {"attack/asr", "attack/asr_incl_target", "eval/clean_acc"} | {
+EXPECTED_KEYS = {"attack/asr", "attack/asr_incl_target", "attack/bd_acc", "eval/clean_acc"} | {
     f"detect/{d}/{m}" for d in DETECTORS for m in ("auroc", "auprc", "fpr95")}
 
 
