@@ -38,7 +38,9 @@ from clipbd.detectors.knn import (
 
 FEATURES = ("image", "text", "image+text")
 INDEXES = ("auto", "flat", "ivf")
-AUTO_IVF_ROWS = 200_000  # index="auto": exact flat search below this many reference rows, IVF above
+AUTO_IVF_ROWS = 200_000
+IVF_TRAIN_PER_LIST = 40  # k-means training rows per IVF list (a seeded sample of the reference rows)
+IVF_KMEANS_ITERS = 10  # k-means iterations of the IVF coarse quantizer (faiss' default 25 buys little)  # index="auto": exact flat search below this many reference rows, IVF above
 _EXTRA = 8  # spare candidates per row for the exact float64 re-ranking of faiss' float32 distances
 _SEARCH_ROWS = 1 << 16  # rows per faiss search call (bounded memory, progress in the log)
 log = logging.getLogger("clipbd")
@@ -146,8 +148,10 @@ def build_index(x: np.ndarray, index: str = "flat", *, nlist: int | None = None,
             raise ValueError(f"scoring.ivf_nlist={nlist}: must be in 1..{m} (the number of reference rows)")
         idx = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
         idx.cp.seed = int(seed) % (2**31)
+        idx.cp.niter = IVF_KMEANS_ITERS
         rng = np.random.default_rng(seed)
-        sample = x if m <= 64 * nlist else x[np.sort(rng.choice(m, 64 * nlist, replace=False))]
+        per = IVF_TRAIN_PER_LIST * nlist
+        sample = x if m <= per else x[np.sort(rng.choice(m, per, replace=False))]
         idx.train(sample)
         idx.nprobe = min(int(nprobe), nlist)
     idx.add(x)
@@ -157,15 +161,21 @@ def build_index(x: np.ndarray, index: str = "flat", *, nlist: int | None = None,
 def candidate_graph(x: np.ndarray, kk: int, index: str = "flat", *, nlist: int | None = None,
                     nprobe: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The kk nearest rows of every row of x [m, d] (the row itself usually first), by exact float64
-    distance among faiss' kk + _EXTRA float32 candidates; ties by index.
+    distance (from x as given, float32 or float64) among faiss' kk + _EXTRA float32 candidates; ties by
+    index.
 
     Returns (dist float64 [m, kk] ascending, idx int64 [m, kk]). Rows for which faiss finds fewer than
     kk candidates (IVF lists too small for nprobe) are searched exactly.
     """
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = np.asarray(x)
+    x = x if x.dtype in (np.float32, np.float64) else x.astype(np.float32)
     m = x.shape[0]
+    bad = np.nonzero(~np.isfinite(x).all(1))[0]
+    if len(bad):  # faiss would search NaN rows silently
+        raise ValueError(f"reference has NaN/inf features in {len(bad)} row(s), e.g. rows {bad[:5].tolist()}; "
+                         "drop or repair those samples before scoring")
     kk = min(kk, m)
-    centred = np.ascontiguousarray(x - x.mean(0, dtype=np.float64).astype(np.float32))  # less cancellation
+    centred = np.ascontiguousarray(x - x.mean(0, dtype=np.float64), dtype=np.float32)  # less cancellation
     faiss_index = build_index(centred, index, nlist=nlist, nprobe=nprobe, seed=seed)
     n_cand = min(m, kk + _EXTRA)
     dist = np.empty((m, kk), dtype=np.float64)

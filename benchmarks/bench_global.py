@@ -1,0 +1,145 @@
+"""Time `scoring.reference=global` (clipbd.detectors.reference): the faiss k-NN graph of every sample
+and the four neighbourhood scores from it, with the neighbour recall of IVF against exact search.
+
+    .venv/bin/python benchmarks/bench_global.py                     # 1M x 512, IVF (the issue's target)
+    .venv/bin/python benchmarks/bench_global.py --n 100000 --quick  # a smaller size, nothing written
+
+Data: float32 embeddings-like points, `--clusters` Gaussian clusters, each spread along its own random
+`--intrinsic`-dimensional subspace plus small isotropic noise (class-structured, low intrinsic
+dimension, as CLIP features; i.i.d. Gaussian noise in 512-d would have no neighbourhood structure for
+any index to exploit). Recall: for `--recall-rows` random rows, the fraction of their exact k nearest
+other rows (clipbd.detectors.exact_knn, float64-certified) found by the graph. Writes
+experiments/bench/global_cpu.md and .csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from clipbd.detectors.reference import (  # noqa: E402
+    FeatureSpace,
+    candidate_graph,
+    default_nlist,
+    global_scores,
+    neighbour_recall,
+)
+
+FOUR = ("kdist", "lid", "slof", "dao")
+
+
+def make_data(n: int, d: int, clusters: int, intrinsic: int, seed: int = 0) -> np.ndarray:
+    """[n, d] float32: cluster centre + own low-rank spread + isotropic noise, built in blocks."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, d)).astype(np.float32)
+    bases = rng.standard_normal((clusters, intrinsic, d)).astype(np.float32) * (0.5 / np.sqrt(intrinsic))
+    label = rng.integers(0, clusters, n)
+    x = np.empty((n, d), dtype=np.float32)
+    for s in range(0, n, 65536):
+        e = min(n, s + 65536)
+        z = rng.standard_normal((e - s, intrinsic)).astype(np.float32)
+        x[s:e] = centres[label[s:e]] + np.einsum("ni,nid->nd", z, bases[label[s:e]])
+        x[s:e] += 0.02 * rng.standard_normal((e - s, d)).astype(np.float32)
+    return x
+
+
+def run(args) -> dict:
+    t0 = time.perf_counter()
+    x = make_data(args.n, args.d, args.clusters, args.intrinsic)
+    t_data = time.perf_counter() - t0
+    nlist = args.nlist or default_nlist(args.n)
+    t0 = time.perf_counter()
+    graph = candidate_graph(x, args.k + 1, args.index, nlist=nlist, nprobe=args.nprobe, seed=0)
+    t_graph = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scores = global_scores(FeatureSpace(x, x, (0,)), k=args.k, methods=FOUR, graph=graph)
+    t_scores = time.perf_counter() - t0
+    assert all(np.isfinite(s).all() for s in scores.values())
+    rows = np.sort(np.random.default_rng(1).choice(args.n, min(args.recall_rows, args.n), replace=False))
+    t0 = time.perf_counter()
+    recall = neighbour_recall(graph[1], x, rows, args.k)
+    t_recall = time.perf_counter() - t0
+    return dict(n=args.n, d=args.d, k=args.k, index=args.index, nlist=nlist if args.index == "ivf" else "",
+                nprobe=args.nprobe if args.index == "ivf" else "", graph_s=t_graph, scores_s=t_scores,
+                total_s=t_graph + t_scores, recall=recall, recall_rows=len(rows), recall_s=t_recall,
+                data_s=t_data, peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+
+
+def to_markdown(r: dict, args, load: str) -> str:
+    cmd = " ".join(sys.argv[1:])
+    return (
+        "# global reference set timings (cpu)\n\n"
+        f"`scoring.reference=global` on {r['n']:,} x {r['d']} float32 points ({args.clusters} clusters, "
+        f"intrinsic dimension {args.intrinsic}; see benchmarks/bench_global.py), k={r['k']}: every point is "
+        "a query and a reference point (its own row excluded).\n"
+        f"Date {dt.date.today().isoformat()}; torch {torch.__version__}; faiss {_faiss_version()}; "
+        f"{torch.get_num_threads()} threads; {_cpu_name()}; load average at start {load} (shared machine, "
+        "run under `nice -n 19`).\n"
+        f"Regenerate: `.venv/bin/python benchmarks/bench_global.py {cmd}`\n\n"
+        "| N | d | k | index | nlist | nprobe | graph (faiss build + search + float64 re-rank) s | "
+        "scores (4 methods) s | total s | recall@k vs exact | rows sampled | peak RSS GiB |\n"
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        f"| {r['n']:,} | {r['d']} | {r['k']} | {r['index']} | {r['nlist']} | {r['nprobe']} | "
+        f"{r['graph_s']:.1f} | {r['scores_s']:.1f} | {r['total_s']:.1f} | {r['recall']:.4f} | "
+        f"{r['recall_rows']} | {r['peak_rss_gib']:.1f} |\n"
+    )
+
+
+def _faiss_version() -> str:
+    import faiss
+
+    return faiss.__version__
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=1_000_000)
+    p.add_argument("--d", type=int, default=512)
+    p.add_argument("--k", type=int, default=16)
+    p.add_argument("--index", default="ivf", choices=("flat", "ivf"))
+    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default: about 4 sqrt(N))")
+    p.add_argument("--nprobe", type=int, default=32)
+    p.add_argument("--clusters", type=int, default=1000)
+    p.add_argument("--intrinsic", type=int, default=16)
+    p.add_argument("--recall-rows", type=int, default=1000)
+    p.add_argument("--quick", action="store_true", help="print only, write nothing")
+    p.add_argument("--out", type=Path, default=ROOT / "experiments" / "bench")
+    args = p.parse_args()
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    r = run(args)
+    md = to_markdown(r, args, load)
+    print(md)
+    if not args.quick:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "global_cpu.md").write_text(md)
+        with open(args.out / "global_cpu.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(r))
+            w.writeheader()
+            w.writerow(r)
+
+
+if __name__ == "__main__":
+    main()
