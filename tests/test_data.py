@@ -374,3 +374,18 @@ def test_world_from_dict():
 def test_sample_dataclass_fields():
     s = Sample(key="k", pos=0, image=b"", ext="jpg", caption="c", meta={})
     assert [f for f in s.__dataclass_fields__] == ["key", "pos", "image", "ext", "caption", "meta"]
+
+
+def test_world_class_weights_and_rotation():
+    world = synthetic.WorldConfig(class_weights=[1] * 7 + [0.1], rotation_range=(-10, 10))
+    rng = np.random.default_rng(0)
+    attrs = [synthetic.sample_attributes(rng, world) for _ in range(8000)]
+    freq = np.bincount([a["label"] for a in attrs], minlength=8) / len(attrs)
+    assert abs(freq[7] - 0.1 / 7.1) < 0.006 and np.all(np.abs(freq[:7] - 1 / 7.1) < 0.02)
+    assert all(-10 <= a["rotation"] <= 10 for a in attrs)
+    with pytest.raises(ValueError, match="class_weights"):
+        synthetic.WorldConfig(class_weights=[1, 1])
+    with pytest.raises(ValueError, match="class_weights"):
+        synthetic.WorldConfig(class_weights=[1] * 7 + [0])
+    with pytest.raises(ValueError, match="rotation_range"):
+        synthetic.WorldConfig(rotation_range=(10, -10))

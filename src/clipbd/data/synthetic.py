@@ -56,8 +56,10 @@ class WorldConfig:
 
     image_size: int = 32                        # output side in pixels
     classes: tuple[str, ...] = DEFAULT_CLASSES  # object classes; label = index in this tuple
+    class_weights: tuple[float, ...] | None = None  # relative class frequencies (None: uniform)
     supersample: int = 4                        # shapes are drawn this many times larger, then box-downscaled
     size_range: tuple[float, float] = (0.17, 0.40)  # object radius as a fraction of the image side
+    rotation_range: tuple[float, float] = (0.0, 360.0)  # object rotation in degrees, uniform
     distractor_prob: float = 0.3                # chance of a second, smaller, uncaptioned object
     noise_std: float = 0.03                     # Gaussian pixel noise, in [0, 1] intensity units
     jpeg_quality: int = 90
@@ -68,6 +70,14 @@ class WorldConfig:
         self.classes = tuple(str(c) for c in self.classes)
         self.templates = tuple(str(t) for t in self.templates)
         self.size_range = tuple(float(s) for s in self.size_range)  # type: ignore[assignment]
+        self.rotation_range = tuple(float(r) for r in self.rotation_range)  # type: ignore[assignment]
+        if len(self.rotation_range) != 2 or self.rotation_range[0] > self.rotation_range[1]:
+            raise ValueError(f"world.rotation_range={self.rotation_range}: need [lo, hi] with lo <= hi")
+        if self.class_weights is not None:
+            self.class_weights = tuple(float(w) for w in self.class_weights)
+            if len(self.class_weights) != len(self.classes) or min(self.class_weights) <= 0:
+                raise ValueError(f"world.class_weights={list(self.class_weights)}: need one positive "
+                                 f"weight per class ({len(self.classes)} classes)")
         unknown = [c for c in self.classes if c not in SHAPES]
         if unknown:
             raise ValueError(f"world.classes: unknown shape(s) {unknown}; choose from {list(SHAPES)}")
@@ -122,9 +132,16 @@ def _size_word(size: float, world: WorldConfig) -> str:
     return "small" if t < 0.3 else "large" if t > 0.7 else ""
 
 
+def _draw_class(rng: np.random.Generator, world: WorldConfig) -> int:
+    if world.class_weights is None:
+        return int(rng.integers(len(world.classes)))
+    w = np.asarray(world.class_weights)
+    return int(min(np.searchsorted(np.cumsum(w / w.sum()), rng.random(), side="right"), len(w) - 1))
+
+
 def sample_attributes(rng: np.random.Generator, world: WorldConfig) -> dict:
     """Draw every attribute of one image (no pixels): the object, its colour, size, place, background."""
-    label = int(rng.integers(len(world.classes)))
+    label = _draw_class(rng, world)
     hue, sat, val = float(rng.random()), float(rng.uniform(0.55, 1.0)), float(rng.uniform(0.35, 1.0))
     size = float(rng.uniform(*world.size_range))
     # Keep most of the object inside the frame: its centre is at least 0.8 radius from the border.
@@ -142,13 +159,13 @@ def sample_attributes(rng: np.random.Generator, world: WorldConfig) -> dict:
         "hue": hue, "saturation": sat, "value": val, "color": _color_word(hue),
         "size": size, "size_word": _size_word(size, world),
         "x": x, "y": y, "position": _position_phrase(x, y),
-        "rotation": float(rng.uniform(0.0, 360.0)),
+        "rotation": float(rng.uniform(*world.rotation_range)),
         "bg_hue": bg_hue, "bg_saturation": bg_sat, "bg_value": bg_val,
         "bg_color": shade + _color_word(bg_hue),
         "bg_angle": float(rng.uniform(0.0, 2 * math.pi)),
         # The gradient runs away from the object's value so contrast never drops below 0.3.
         "bg_contrast": float(rng.uniform(0.0, 0.2)) * (-1.0 if bg_val < val else 1.0),
-        "distractor": world.classes[int(rng.integers(len(world.classes)))] if has_distractor else None,
+        "distractor": world.classes[_draw_class(rng, world)] if has_distractor else None,
         "template": int(rng.integers(len(world.templates))),
     }
 
