@@ -51,7 +51,7 @@ def start(cfg: DictConfig) -> Iterator[Any]:
         try:
             _RUN.finish(exit_code=1)
         except Exception as e:  # noqa: BLE001
-            log.warning("W&B did not finish cleanly after an interruption: %s", e)
+            logging.getLogger("clipbd").warning("W&B did not finish cleanly after an interruption: %s", e)
         raise
     else:
         _RUN.finish()
