@@ -35,8 +35,12 @@ run: setup
 smoke: setup
 	$(PY) -m clipbd.run +experiment=smoke hydra.run.dir=outputs/smoke
 
+# Sizes of the global-reference-set benchmark (the issue's target is 1M x 1M at d=512).
+GLOBAL_N ?= 200000 1000000
+
 bench: setup
 	$(PY) benchmarks/bench_knn.py
+	$(PY) benchmarks/bench_global.py --n $(GLOBAL_N) --nprobe 8
 
 clean:
 	rm -rf outputs multirun .pytest_cache
