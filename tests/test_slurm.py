@@ -145,6 +145,11 @@ def test_preempted_pretraining_is_requeued_and_resumes(cluster, tmp_path):
         assert time.time() < deadline and job.state not in ("FAILED", "COMPLETED"), job.state
         time.sleep(0.2)
     _sh("scancel", "--signal=USR2", job.job_id)  # what SLURM sends before preempting (submitit)
+    while (state := _state(job.job_id)) not in ("PENDING", ""):  # "": already requeued and done
+        assert time.time() < deadline, f"job {job.job_id} was not requeued ({state})"
+        time.sleep(0.2)
+    # SLURM makes a requeued batch job eligible only minutes later; release it now (test speed).
+    _sh("scontrol", "update", f"JobId={job.job_id}", "StartTime=now", check=False)
     job.result()  # the requeued job finishes
     log = (run / "run.log").read_text()
     assert "resuming from" in log, log[-2000:]
