@@ -24,6 +24,9 @@ from clipbd.utils import rng
 
 POOL = [f"a banana number {i}" for i in range(20)]
 ATTACKS = sorted(p.stem for p in (CONF / "attack").glob("*.yaml") if p.stem != "none")
+# Uniform classes: the default world makes the target rare (~1%), too few bananas in the smoke data
+# for the clean-label attack, which can only poison images whose captions already name it.
+SMOKE = ["+experiment=smoke", "dataset.synthetic.world.class_weights=null"]
 # Small but real settings for the attacks whose plan optimises or reads much.
 FAST = {"badclip": ["attack.steps=2", "attack.surrogate_epochs=1", "attack.num_images=16", "attack.batch_size=8"]}
 
@@ -159,7 +162,7 @@ def smoke_data(tmp_path_factory):
     from clipbd.stages import data
 
     d = tmp_path_factory.mktemp("zoo") / "data_run"
-    cfg = compose_cfg(["+experiment=smoke"], run_dir=d)
+    cfg = compose_cfg(SMOKE, run_dir=d)
     data.main(cfg)
     return d
 
@@ -173,7 +176,7 @@ def _run_dir(smoke_data, tmp_path):
 def _poison(name, run_dir, extra=()):
     from clipbd.stages import poison
 
-    cfg = compose_cfg(["+experiment=smoke", f"attack={name}", *FAST.get(name, []), *extra], run_dir=run_dir)
+    cfg = compose_cfg([*SMOKE, f"attack={name}", *FAST.get(name, []), *extra], run_dir=run_dir)
     poison.main(cfg)
     return cfg, json.loads((run_dir / "poison_plan.json").read_text())
 
