@@ -67,6 +67,20 @@ def test_rerun_skips_finished_stages(smoke_run):
     assert (run_dir / "checkpoints" / "latest.pt").stat().st_mtime == ckpt_mtime
 
 
+def test_checkpoint_every_keeps_those_epochs_and_never_retrains(tmp_path):
+    run_dir = tmp_path / "ckpt"
+    run_cli("+experiment=smoke", f"hydra.run.dir={run_dir}", "stages=[data,poison,pretrain]", "train.epochs=3",
+            "train.checkpoint_every=2")
+    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt"))
+    assert kept == ["epoch_2.pt", "epoch_3.pt", "latest.pt"]  # every 2nd epoch and the last
+    proc = run_cli("+experiment=smoke", f"hydra.run.dir={run_dir}", "stages=[data,poison,pretrain]", "train.epochs=3",
+                   "train.checkpoint_every=0")
+    assert "stage pretrain complete, skipped" in proc.stderr  # not part of the stage key
+    bad = run_cli("+experiment=smoke", f"hydra.run.dir={tmp_path}/neg", "stages=[data,poison,pretrain]",
+                  "train.checkpoint_every=-1", check=False)
+    assert bad.returncode != 0 and "train.checkpoint_every=-1" in bad.stderr
+
+
 def test_changed_detector_config_reruns_only_downstream(smoke_run, tmp_path):
     run_dir = tmp_path / "copy"
     shutil.copytree(smoke_run[0], run_dir)

@@ -63,6 +63,9 @@ class TrainConfig:
     shuffle_buffer: int = 5_000
     workers: int = 0
     log_every: int = 50
+    # Keep `epoch_N.pt` every N epochs and the last one; 0 keeps only `latest.pt` (what resuming,
+    # extract and evaluate read). Not part of the stage key: changing it never re-trains.
+    checkpoint_every: int = 1
 
 
 @dataclass

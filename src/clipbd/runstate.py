@@ -47,6 +47,10 @@ def stage_key(cfg: DictConfig, name: str) -> str:
     """Hash of what stage `name` reads: its config sections and its upstream stages' keys."""
     mod = stage_module(name)
     parts: dict[str, Any] = {k: _select(cfg, k) for k in mod.DEPENDS}
+    for dotted in getattr(mod, "UNKEYED", ()):  # settings that do not change the outputs
+        section, _, leaf = dotted.rpartition(".")
+        if isinstance(parts.get(section), dict):
+            parts[section].pop(leaf, None)
     for up in mod.UPSTREAM:
         marker = read_marker(cfg.run_dir, up)
         parts[f"stage:{up}"] = marker["key"] if marker else None

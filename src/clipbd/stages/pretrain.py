@@ -34,6 +34,7 @@ from clipbd.stages.poison import build_attack
 from clipbd.utils import derive_seed, progress
 
 DEPENDS = ("model", "train", "seed")
+UNKEYED = ("train.checkpoint_every",)  # which epoch files are kept does not change the model
 UPSTREAM = ("data", "poison")
 log = logging.getLogger("clipbd")
 
@@ -72,7 +73,8 @@ def _resume(ckpt_dir: Path, key: str, model, opt) -> int:
     return int(state["epoch"])
 
 
-def _save(ckpt_dir: Path, epoch: int, key: str, bundle, opt) -> Path:
+def _save(ckpt_dir: Path, epoch: int, key: str, bundle, opt, *, keep: bool = True) -> Path:
+    """Write `epoch_N.pt` and copy it to `latest.pt` (both atomically); keep=False removes the epoch file."""
     path = ckpt_dir / f"epoch_{epoch}.pt"
     tmp = path.with_name(f".{path.name}.tmp")
     # name + arch make the checkpoint self-describing: `model.checkpoint=` alone rebuilds it.
@@ -81,6 +83,9 @@ def _save(ckpt_dir: Path, epoch: int, key: str, bundle, opt) -> Path:
     tmp.replace(path)
     shutil.copyfile(path, ckpt_dir / ".latest.pt.tmp")
     (ckpt_dir / ".latest.pt.tmp").replace(ckpt_dir / "latest.pt")
+    if not keep:
+        path.unlink()
+        return ckpt_dir / "latest.pt"
     return path
 
 
@@ -104,6 +109,8 @@ def main(cfg: DictConfig) -> dict[str, Path]:
     index = load_index(cfg)
     lookup = PoisonLookup.load(Path(cfg.run_dir) / "poison_plan.json")
     attack = build_attack(cfg)
+    if tc.checkpoint_every < 0:
+        raise ConfigError(f"train.checkpoint_every={tc.checkpoint_every}: need >= 0 (0 keeps only latest.pt)")
     if tc.batch_size % info.world:
         raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by the {info.world} ranks")
     local_bs = tc.batch_size // info.world
@@ -159,7 +166,9 @@ def main(cfg: DictConfig) -> dict[str, Path]:
         per_sample.merge(dist.all_reduce_sum, info.device)
         if dist.is_main():
             per_sample.write(cfg.run_dir, epoch + 1, key)  # before the checkpoint: resuming never lacks it
-            _save(ckpt_dir, epoch + 1, key, bundle, opt)
+            every = tc.checkpoint_every
+            _save(ckpt_dir, epoch + 1, key, bundle, opt,
+                  keep=every > 0 and ((epoch + 1) % every == 0 or epoch + 1 == tc.epochs))
             _append_losses(Path(cfg.run_dir) / "train_loss.csv", epoch, epoch * steps_per_epoch, losses, lrs)
         dist.barrier()
     return {"checkpoint": ckpt_dir / "latest.pt"}
