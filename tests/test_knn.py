@@ -13,7 +13,7 @@ import torch
 
 import published_detectors as pub
 from clipbd.detectors import knn_scores
-from clipbd.detectors.knn import DIST_FLOOR_REL, LID_MAX, exact_knn
+from clipbd.detectors.knn import CONVENTIONS, DIST_FLOOR_REL, LID_MAX, exact_knn
 from clipbd.detectors.module import DAODetector, KDistanceDetector, LIDDetector, SLOFDetector
 
 ALL = ("kdist", "lid", "lid_mom", "slof", "dao")
@@ -190,6 +190,23 @@ def test_chunking_does_not_change_results():
     a = knn_scores(x, k=9, methods=ALL)
     b = knn_scores(x, k=9, methods=ALL, chunk_size=7)
     assert_close(a, b, rtol=1e-12)
+
+
+@pytest.mark.parametrize("convention", CONVENTIONS)
+def test_symmetric_in_batch_product_equals_chunked_products(monkeypatch, convention):
+    """In-batch scoring multiplies only the upper block triangle of X X^T; ragged blocks (130 rows in
+    blocks of 17) and the float32 fallback rows give the same neighbours as the per-chunk products."""
+    import clipbd.detectors.knn as knn
+
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.standard_normal((100, 20)), rng.standard_normal((30, 20)) * 1e-4 + 1e3])
+    monkeypatch.setattr(knn, "_SYM_BLOCK", 17)
+    sym = knn_scores(x, k=9, methods=ALL, convention=convention)
+    monkeypatch.setattr(knn, "_SYM_BYTES", 0)  # too large: the chunked path
+    chunked = knn_scores(x, k=9, methods=ALL, convention=convention)
+    assert_close(sym, chunked, rtol=1e-12)
+    if convention == "textbook":
+        assert_close(sym, brute_textbook(x, k=9), rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- vs published code
