@@ -61,10 +61,42 @@ def test_scores_cover_every_sample_once_and_match_plan(smoke_run):
 def test_rerun_skips_finished_stages(smoke_run):
     run_dir = smoke_run[0]
     ckpt_mtime = (run_dir / "checkpoints" / "latest.pt").stat().st_mtime
+    timing = json.loads((run_dir / "timing.json").read_text())
     proc = run_cli("+experiment=smoke", f"hydra.run.dir={run_dir}")
     for stage in ["data", "poison", "pretrain", "extract", "reduce", "evaluate"]:
         assert f"stage {stage:<8} complete, skipped" in proc.stderr, stage
     assert (run_dir / "checkpoints" / "latest.pt").stat().st_mtime == ckpt_mtime
+    # timing.json keeps what the outputs cost, not the seconds the skips took
+    assert json.loads((run_dir / "timing.json").read_text()) == timing
+    marker = json.loads((run_dir / "stages" / "pretrain.json").read_text())
+    assert timing["time/pretrain_s"] == round(marker["seconds"], 2) > 0
+
+
+def test_resumed_pretraining_continues_and_counts_earlier_seconds(tmp_path):
+    import torch
+
+    run_dir = tmp_path / "resume"
+    args = ["+experiment=smoke", f"hydra.run.dir={run_dir}", "stages=[data,poison,pretrain]", "train.epochs=2",
+            "train.checkpoint_every=1"]
+    run_cli(*args)
+    ckpt = run_dir / "checkpoints"
+    full = torch.load(ckpt / "epoch_2.pt", map_location="cpu", weights_only=True)
+    first = torch.load(ckpt / "epoch_1.pt", map_location="cpu", weights_only=True)
+    assert 0 < first["elapsed_s"] < full["elapsed_s"]
+    # as if killed during epoch 2: latest is epoch 1, the stage never finished
+    (run_dir / "stages" / "pretrain.json").unlink()
+    (ckpt / "epoch_2.pt").unlink()
+    shutil.copyfile(ckpt / "epoch_1.pt", ckpt / "latest.pt")
+    proc = run_cli(*args)
+    assert "resuming from" in proc.stderr and "epoch 1 done" in proc.stderr
+    assert "epoch 1/2" not in proc.stderr.split("resuming from")[1]  # only epoch 2 trained again
+    resumed = torch.load(ckpt / "epoch_2.pt", map_location="cpu", weights_only=True)
+    for name, value in full["model"].items():  # same data order and state: the same model
+        assert torch.allclose(resumed["model"][name], value, atol=1e-6), name
+    marker = json.loads((run_dir / "stages" / "pretrain.json").read_text())
+    assert marker["seconds"] >= first["elapsed_s"]  # counts the interrupted attempt's epoch
+    assert json.loads((run_dir / "timing.json").read_text())["time/pretrain_s"] == round(marker["seconds"], 2)
+    assert not list((run_dir / "stages").glob(".*"))  # the hand-over file is consumed
 
 
 def test_checkpoint_every_keeps_those_epochs_and_never_retrains(tmp_path):

@@ -4,9 +4,9 @@
     python experiments/attacks/collect.py multirun/attacks --out experiments/attacks
 
 Every directory under the given paths holding a `metrics.json` is a run; its `config.yaml` says
-which attack, `poison_plan.json` how many samples it poisoned, `timing.json` how long each stage
-took. Columns: attack, poison rate, poisoned samples, attack/asr, attack/asr_incl_target,
-attack/bd_acc, eval/clean_acc and its difference from the clean (attack=none) run, the AUROC of
+which attack, `poison_plan.json` how many samples it poisoned, the stage markers (`stages/*.json`)
+how long each stage's outputs took (over every attempt of a resumed stage). Columns: attack, poison rate, poisoned samples, attack/asr, attack/asr_incl_target,
+attack/bd_acc, eval/clean_acc and its difference from the clean (attack=none) runs' mean, the AUROC of
 every detector in the runs, wall time (sum of the stages). A multi-trigger run adds one row per
 trigger (attack/<trigger>/*). Writes results.md and results.csv into --out.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-BASE = ["attack", "name", "poison_rate", "poisoned", "asr", "asr_incl_target", "bd_acc", "clean_acc",
+BASE = ["attack", "name", "seed", "poison_rate", "poisoned", "asr", "asr_incl_target", "bd_acc", "clean_acc",
         "clean_acc_delta"]
 
 
@@ -39,11 +39,11 @@ def rows_of(run: Path) -> list[dict]:
     m = _read(run / "metrics.json", {})
     cfg = _read(run / "config.yaml", {}) or {}
     plan = _read(run / "poison_plan.json", {}) or {}
-    timing = _read(run / "timing.json", {}) or {}
+    seconds = [(_read(p, {}) or {}).get("seconds", 0.0) for p in sorted((run / "stages").glob("*.json"))]
     attack = plan.get("attack") or "none"
-    row = {"attack": attack, "name": cfg.get("name"), "poison_rate": plan.get("poison_rate", 0.0),
+    row = {"attack": attack, "name": cfg.get("name"), "seed": cfg.get("seed"), "poison_rate": plan.get("poison_rate", 0.0),
            "poisoned": plan.get("poison_count", 0), "clean_acc": m.get("eval/clean_acc"),
-           "wall_s": round(sum(v for k, v in timing.items() if k.startswith("time/")), 1), "run": str(run)}
+           "wall_s": round(sum(seconds), 1), "run": str(run)}
     row |= {k: m.get(f"attack/{k}") for k in ("asr", "asr_incl_target", "bd_acc")}
     row |= {f"auroc_{k.split('/')[1]}": v for k, v in m.items() if k.startswith("detect/") and k.endswith("/auroc")}
     rows = [row]
@@ -59,7 +59,7 @@ def table(runs: list[Path]) -> tuple[list[dict], list[str]]:
     clean = [r["clean_acc"] for r in rows if r["attack"] == "none" and r.get("clean_acc") is not None]
     for r in rows:
         if clean and r.get("clean_acc") is not None:
-            r["clean_acc_delta"] = r["clean_acc"] - clean[0]
+            r["clean_acc_delta"] = r["clean_acc"] - sum(clean) / len(clean)
     detectors = sorted({k for r in rows for k in r if k.startswith("auroc_")})
     return rows, BASE + detectors + ["wall_s", "run"]
 

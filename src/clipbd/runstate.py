@@ -64,6 +64,34 @@ def is_complete(cfg: DictConfig, name: str) -> bool:
     return all(Path(p).exists() for p in marker.get("outputs", {}).values())
 
 
+def _earlier_path(run_dir: str | Path, name: str) -> Path:
+    return Path(run_dir) / "stages" / f".{name}.earlier.json"
+
+
+def note_earlier_seconds(cfg: DictConfig, name: str, seconds: float) -> None:
+    """A resumed stage reports the seconds its interrupted attempts spent on the work it keeps (e.g.
+    the epochs in a checkpoint); the marker's `seconds` then counts them, so it stays the cost of
+    the outputs, not of the last attempt."""
+    if dist.is_main():
+        write_json(_earlier_path(cfg.run_dir, name), {"seconds": round(float(seconds), 3)})
+
+
+def _take_earlier_seconds(run_dir: str | Path, name: str) -> float:
+    path = _earlier_path(run_dir, name)
+    if not path.exists():
+        return 0.0
+    seconds = float(read_json(path).get("seconds", 0.0))
+    if dist.is_main():
+        path.unlink(missing_ok=True)
+    return seconds
+
+
+def stage_seconds(run_dir: str | Path, name: str) -> float | None:
+    """What the stage's outputs cost (every attempt), from its marker; None if it never finished."""
+    marker = read_marker(run_dir, name)
+    return None if marker is None else marker.get("seconds")
+
+
 def run_stage(cfg: DictConfig, name: str) -> dict[str, Path]:
     mod = stage_module(name)
     if name not in cfg.force and is_complete(cfg, name):
@@ -72,7 +100,7 @@ def run_stage(cfg: DictConfig, name: str) -> dict[str, Path]:
     log.info("stage %-8s running", name)
     t0 = time.time()
     outputs = mod.main(cfg) or {}
-    seconds = time.time() - t0
+    seconds = time.time() - t0 + _take_earlier_seconds(cfg.run_dir, name)
     if dist.is_main():
         write_json(marker_path(cfg.run_dir, name), {
             "stage": name,

@@ -29,7 +29,7 @@ from clipbd.models import factory
 from clipbd.detectors.abl import LossRecorder
 from clipbd.models.loss import clip_loss, clip_loss_per_sample
 from clipbd.registry import ConfigError
-from clipbd.runstate import stage_key
+from clipbd.runstate import note_earlier_seconds, stage_key
 from clipbd.stages.poison import build_attack
 from clipbd.utils import derive_seed, progress
 
@@ -58,28 +58,31 @@ def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
     return 0.5 * base_lr * (1 + math.cos(math.pi * min(1.0, progress_)))
 
 
-def _resume(ckpt_dir: Path, key: str, model, opt) -> int:
-    """Load `latest.pt` if it belongs to this config; returns the first epoch still to train."""
+def _resume(ckpt_dir: Path, key: str, model, opt) -> tuple[int, float]:
+    """Load `latest.pt` if it belongs to this config; returns the first epoch still to train and the
+    seconds the earlier attempts spent reaching it."""
     latest = ckpt_dir / "latest.pt"
     if not latest.exists():
-        return 0
+        return 0, 0.0
     state = torch.load(latest, map_location="cpu", weights_only=True)
     if state.get("stage_key") != key:
         raise ConfigError(f"{ckpt_dir} holds checkpoints of a different pretraining config; use a new "
                           f"hydra.run.dir, or delete {ckpt_dir} to start over")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
-    log.info("resuming from %s (epoch %d done)", latest, state["epoch"])
-    return int(state["epoch"])
+    earlier = float(state.get("elapsed_s", 0.0))  # absent in checkpoints written before it was recorded
+    log.info("resuming from %s (epoch %d done, %.0f s of pretraining before)", latest, state["epoch"], earlier)
+    return int(state["epoch"]), earlier
 
 
-def _save(ckpt_dir: Path, epoch: int, key: str, bundle, opt, *, keep: bool = True) -> Path:
-    """Write `epoch_N.pt` and copy it to `latest.pt` (both atomically); keep=False removes the epoch file."""
+def _save(ckpt_dir: Path, epoch: int, key: str, bundle, opt, *, elapsed_s: float = 0.0, keep: bool = True) -> Path:
+    """Write `epoch_N.pt` and copy it to `latest.pt` (both atomically); keep=False removes the epoch file.
+    elapsed_s: seconds the stage has spent so far over all attempts (a resumed run's marker counts them)."""
     path = ckpt_dir / f"epoch_{epoch}.pt"
     tmp = path.with_name(f".{path.name}.tmp")
     # name + arch make the checkpoint self-describing: `model.checkpoint=` alone rebuilds it.
     torch.save({"model": bundle.model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                "stage_key": key, "name": bundle.name, "arch": bundle.arch}, tmp)
+                "stage_key": key, "name": bundle.name, "arch": bundle.arch, "elapsed_s": elapsed_s}, tmp)
     tmp.replace(path)
     shutil.copyfile(path, ckpt_dir / ".latest.pt.tmp")
     (ckpt_dir / ".latest.pt.tmp").replace(ckpt_dir / "latest.pt")
@@ -103,6 +106,7 @@ def main(cfg: DictConfig) -> dict[str, Path]:
     ckpt_dir = Path(cfg.run_dir) / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     key = stage_key(cfg, "pretrain")
+    stage_t0 = time.time()
     torch.manual_seed(derive_seed(cfg.seed, "init"))
     bundle = factory.create(cfg.model, device=info.device)
     model = bundle.model
@@ -120,7 +124,9 @@ def main(cfg: DictConfig) -> dict[str, Path]:
     total = steps_per_epoch * tc.epochs
     opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
     ddp = model if info.world == 1 else torch.nn.parallel.DistributedDataParallel(model)
-    start = _resume(ckpt_dir, key, model, opt)
+    start, earlier_s = _resume(ckpt_dir, key, model, opt)
+    if start:
+        note_earlier_seconds(cfg, "pretrain", earlier_s)
     use_amp = cfg.model.precision in ("amp", "bf16") and info.device.startswith("cuda")
     amp_dtype = torch.bfloat16 if cfg.model.precision == "bf16" else torch.float16
     shard_ids = list(range(len(index.shards)))  # every rank reads all; ranks_slice splits the batches
@@ -167,7 +173,7 @@ def main(cfg: DictConfig) -> dict[str, Path]:
         if dist.is_main():
             per_sample.write(cfg.run_dir, epoch + 1, key)  # before the checkpoint: resuming never lacks it
             every = tc.checkpoint_every
-            _save(ckpt_dir, epoch + 1, key, bundle, opt,
+            _save(ckpt_dir, epoch + 1, key, bundle, opt, elapsed_s=earlier_s + time.time() - stage_t0,
                   keep=every > 0 and ((epoch + 1) % every == 0 or epoch + 1 == tc.epochs))
             _append_losses(Path(cfg.run_dir) / "train_loss.csv", epoch, epoch * steps_per_epoch, losses, lrs)
         dist.barrier()
