@@ -269,13 +269,13 @@ def test_sweep_rows_cover_every_attack_and_compose(tmp_path):
 
     from clipbd.registry import check_node
 
-    assert set(SWEEP) == set(ATTACKS) | {"none"}
+    assert set(SWEEP) == set(ATTACKS) | {"none", "none_uniform"}  # clean references of both worlds
     readme = (ROOT / "experiments" / "attacks" / "README.md").read_text()
     for name in SWEEP:
         assert f"attacks/{name}" in readme  # the documented command runs every row
         cfg = compose_cfg([f"+experiment=attacks/{name}"], run_dir=tmp_path)
         assert cfg.name == f"attacks_{name}"
-        if name != "none":
+        if not name.startswith("none"):
             check_node(cfg.attack, "attack")
 
 
@@ -301,12 +301,19 @@ def test_grid_and_collect_scripts(smoke_data, tmp_path):
     assert (tmp_path / "g.png").stat().st_size > 1000
     # the collector on the run plus a clean one (metrics as the evaluate/reduce stages write them)
     clean = tmp_path / "clean"
-    clean.mkdir()
+    (clean / "stages").mkdir(parents=True)
+    OmegaConf.save(cfg, clean / "config.yaml", resolve=True)  # same data, no attack: the reference
     (clean / "metrics.json").write_text(json.dumps({"eval/clean_acc": 0.5}))
+    other = tmp_path / "other_world"  # a clean run on other data is no reference for this one
+    other.mkdir()
+    OmegaConf.save(OmegaConf.merge(cfg, {"dataset": {"synthetic": {"num_train": 123}}}), other / "config.yaml", resolve=True)
+    (other / "metrics.json").write_text(json.dumps({"eval/clean_acc": 0.9}))
     (run / "metrics.json").write_text(json.dumps({"eval/clean_acc": 0.45, "attack/asr": 0.9,
                                                   "attack/badnets/asr": 1.0, "detect/dao/auroc": 0.8}))
-    (run / "timing.json").write_text(json.dumps({"time/poison_s": 1.5, "time/pretrain_s": 2.0}))
+    (run / "stages").mkdir()
+    for stage, seconds in [("poison", 1.5), ("pretrain", 2.0)]:  # stage markers: what the outputs cost
+        (run / "stages" / f"{stage}.json").write_text(json.dumps({"stage": stage, "seconds": seconds}))
     assert _script("collect").main([str(tmp_path), "--out", str(tmp_path / "t")]) == 0
     text = (tmp_path / "t" / "results.md").read_text()
-    assert "| multi | smoke | 0.020 | 8 | 0.900 |" in text and "multi:badnets" in text
+    assert "| multi | smoke | 0 | 0.020 | 8 | 0.900 |" in text and "multi:badnets" in text
     assert "-0.050" in text and "auroc_dao" in text and "3.500" in text
