@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 from pathlib import Path
 
 DETECTORS = ["dao", "slof", "kdist", "lid", "iforest", "clipscore", "abl", "cd"]
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         w.writerows(rows)
     base = json.loads((a.base / "metrics.json").read_text())
     plan = json.loads((a.base / "poison_plan.json").read_text())
-    lines = [f"Base run: `{a.base}` — clean acc {base['eval/clean_acc']:.4f}, ASR {base['attack/asr']:.3f}, "
+    lines = [f"Base run: `{os.path.relpath(a.base)}` — clean acc {base['eval/clean_acc']:.4f}, ASR {base['attack/asr']:.3f}, "
              f"{plan['poison_count']} poisoned of {plan.get('num_samples', '?')} training samples.", ""]
     for metric in ("auroc", "auprc"):
         used = [d for d in DETECTORS if any(r[f"{d}_{metric}"] for r in rows)]
