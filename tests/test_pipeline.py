@@ -96,7 +96,7 @@ def test_resumed_pretraining_continues_and_counts_earlier_seconds(tmp_path):
     marker = json.loads((run_dir / "stages" / "pretrain.json").read_text())
     assert marker["seconds"] >= first["elapsed_s"]  # counts the interrupted attempt's epoch
     assert json.loads((run_dir / "timing.json").read_text())["time/pretrain_s"] == round(marker["seconds"], 2)
-    assert not list((run_dir / "stages").glob(".*"))  # the hand-over file is consumed
+    assert not list((run_dir / "stages").glob(".*"))  # no stray files beside the markers
 
 
 def test_checkpoint_every_keeps_those_epochs_and_never_retrains(tmp_path):

@@ -5,10 +5,10 @@
 
 Every directory under the given paths holding a `metrics.json` is a run; its `config.yaml` says
 which attack, `poison_plan.json` how many samples it poisoned, the stage markers (`stages/*.json`)
-how long each stage's outputs took (over every attempt of a resumed stage). Columns: attack, poison rate, poisoned samples, attack/asr, attack/asr_incl_target,
-attack/bd_acc, eval/clean_acc and its difference from the mean of the clean (attack=none) runs on
-the same dataset config (blank when there is none), the AUROC of
-every detector in the runs, wall time (sum of the stages). A multi-trigger run adds one row per
+how long each stage's outputs took (over every attempt of a resumed stage). Columns: attack, seed,
+poison rate, poisoned samples, attack/asr, attack/asr_incl_target, attack/bd_acc, eval/clean_acc and
+its difference from the mean of the clean (attack=none) runs on the same dataset config (blank when
+there is none), the AUROC of every detector in the runs, wall time (sum of the stages). A multi-trigger run adds one row per
 trigger (attack/<trigger>/*). Writes results.md and results.csv into --out.
 """
 
@@ -42,7 +42,8 @@ def rows_of(run: Path) -> list[dict]:
     plan = _read(run / "poison_plan.json", {}) or {}
     seconds = [(_read(p, {}) or {}).get("seconds", 0.0) for p in sorted((run / "stages").glob("*.json"))]
     attack = plan.get("attack") or "none"
-    row = {"attack": attack, "name": cfg.get("name"), "world": json.dumps(cfg.get("dataset"), sort_keys=True), "seed": cfg.get("seed"), "poison_rate": plan.get("poison_rate", 0.0),
+    row = {"attack": attack, "name": cfg.get("name"), "seed": cfg.get("seed"),
+           "world": json.dumps(cfg.get("dataset"), sort_keys=True), "poison_rate": plan.get("poison_rate", 0.0),
            "poisoned": plan.get("poison_count", 0), "clean_acc": m.get("eval/clean_acc"),
            "wall_s": round(sum(seconds), 1), "run": str(run)}
     row |= {k: m.get(f"attack/{k}") for k in ("asr", "asr_incl_target", "bd_acc")}

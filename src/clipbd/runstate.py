@@ -64,26 +64,14 @@ def is_complete(cfg: DictConfig, name: str) -> bool:
     return all(Path(p).exists() for p in marker.get("outputs", {}).values())
 
 
-def _earlier_path(run_dir: str | Path, name: str) -> Path:
-    return Path(run_dir) / "stages" / f".{name}.earlier.json"
+_EARLIER: dict[str, float] = {}  # stage -> seconds its interrupted attempts spent (this process)
 
 
-def note_earlier_seconds(cfg: DictConfig, name: str, seconds: float) -> None:
+def note_earlier_seconds(name: str, seconds: float) -> None:
     """A resumed stage reports the seconds its interrupted attempts spent on the work it keeps (e.g.
     the epochs in a checkpoint); the marker's `seconds` then counts them, so it stays the cost of
     the outputs, not of the last attempt."""
-    if dist.is_main():
-        write_json(_earlier_path(cfg.run_dir, name), {"seconds": round(float(seconds), 3)})
-
-
-def _take_earlier_seconds(run_dir: str | Path, name: str) -> float:
-    path = _earlier_path(run_dir, name)
-    if not path.exists():
-        return 0.0
-    seconds = float(read_json(path).get("seconds", 0.0))
-    if dist.is_main():
-        path.unlink(missing_ok=True)
-    return seconds
+    _EARLIER[name] = float(seconds)
 
 
 def stage_seconds(run_dir: str | Path, name: str) -> float | None:
@@ -98,9 +86,10 @@ def run_stage(cfg: DictConfig, name: str) -> dict[str, Path]:
         log.info("stage %-8s complete, skipped (outputs match the config; force=[%s] re-runs it)", name, name)
         return {k: Path(v) for k, v in read_marker(cfg.run_dir, name)["outputs"].items()}
     log.info("stage %-8s running", name)
+    _EARLIER.pop(name, None)  # a failed earlier call in this process must not count
     t0 = time.time()
     outputs = mod.main(cfg) or {}
-    seconds = time.time() - t0 + _take_earlier_seconds(cfg.run_dir, name)
+    seconds = time.time() - t0 + _EARLIER.pop(name, 0.0)
     if dist.is_main():
         write_json(marker_path(cfg.run_dir, name), {
             "stage": name,

@@ -103,6 +103,8 @@ def _append_losses(path: Path, epoch: int, first_step: int, losses: list[float],
 
 def main(cfg: DictConfig) -> dict[str, Path]:
     tc, info = cfg.train, dist.info()
+    if tc.checkpoint_every < 0:
+        raise ConfigError(f"train.checkpoint_every={tc.checkpoint_every}: need >= 0 (0 keeps only latest.pt)")
     ckpt_dir = Path(cfg.run_dir) / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     key = stage_key(cfg, "pretrain")
@@ -113,8 +115,6 @@ def main(cfg: DictConfig) -> dict[str, Path]:
     index = load_index(cfg)
     lookup = PoisonLookup.load(Path(cfg.run_dir) / "poison_plan.json")
     attack = build_attack(cfg)
-    if tc.checkpoint_every < 0:
-        raise ConfigError(f"train.checkpoint_every={tc.checkpoint_every}: need >= 0 (0 keeps only latest.pt)")
     if tc.batch_size % info.world:
         raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by the {info.world} ranks")
     local_bs = tc.batch_size // info.world
@@ -126,7 +126,7 @@ def main(cfg: DictConfig) -> dict[str, Path]:
     ddp = model if info.world == 1 else torch.nn.parallel.DistributedDataParallel(model)
     start, earlier_s = _resume(ckpt_dir, key, model, opt)
     if start:
-        note_earlier_seconds(cfg, "pretrain", earlier_s)
+        note_earlier_seconds("pretrain", earlier_s)
     use_amp = cfg.model.precision in ("amp", "bf16") and info.device.startswith("cuda")
     amp_dtype = torch.bfloat16 if cfg.model.precision == "bf16" else torch.float16
     shard_ids = list(range(len(index.shards)))  # every rank reads all; ranks_slice splits the batches
