@@ -117,7 +117,9 @@ def test_cancelled_task_then_resubmitted_chain(reference, tmp_path):
     while _state(victim) != "RUNNING":
         assert time.time() < deadline, f"extraction task {victim} never started"
         time.sleep(0.2)
-    _sh("scancel", victim)  # mid-way: the task is still importing torch or embedding
+    # mid-way: the task is still importing torch or embedding. SIGKILL, because a plain scancel sends
+    # SIGTERM first, which submitit ignores, and an idle machine finishes the task within KillWait.
+    _sh("scancel", "--signal=KILL", victim)
     with pytest.raises(Exception):
         chain.wait()  # the cancelled task fails the chain; reduce is cancelled (invalid dependency)
     assert not (run / "shards" / "extract-00001.h5").exists()
