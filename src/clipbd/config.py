@@ -42,6 +42,27 @@ class DatasetConfig:
 
 
 @dataclass
+class DataConfig:
+    """How the `data` stage treats samples it cannot read (docs/data.md)."""
+
+    # raise: the first unreadable sample, corrupt shard or repeated key stops the run in one line
+    # (training: losing samples changes the experiment). skip: every sample is read and decoded
+    # once while indexing; the bad ones are left out of the index for every stage, listed in
+    # <run_dir>/skipped.csv and counted in metrics.json as data/skipped/<reason> (scans).
+    on_error: str = "raise"
+    workers: int = 1  # indexing threads (skip mode decodes every image); not part of the stage key
+
+
+@dataclass
+class ReportConfig:
+    """What `reduce` writes for a reader: ranked.csv's order (README, "Reading ranked.csv")."""
+
+    # The detector ranked.csv is sorted by (descending); null: the first configured detector whose
+    # higher score reliably means more suspicious (clipbd.detectors.ranking.sort_detector).
+    sort_by: Optional[str] = None
+
+
+@dataclass
 class ModelConfig:
     name: str = "RN50"  # any open_clip architecture name, or the name `arch` is registered under
     arch: Optional[Dict[str, Any]] = None  # open_clip model config (embed_dim, vision_cfg, text_cfg)
@@ -130,6 +151,8 @@ class ClipbdConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     run_dir: str = "${hydra:runtime.output_dir}"
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     attack: Optional[Dict[str, Any]] = None  # `_target_` node (conf/attack/); null: no poisoning
     # `_target_` node (conf/encoder_attack/) for `python -m clipbd.attacks.encoder`; null elsewhere

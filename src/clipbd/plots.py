@@ -33,18 +33,42 @@ def roc_plot(path: Path, labels: np.ndarray, scores: dict[str, np.ndarray]) -> P
     return _save(fig, path)
 
 
+def histogram_bins(s: np.ndarray, n: int = 60, q: float = 0.5) -> tuple[np.ndarray, bool]:
+    """Bin edges for one detector's scores [N], and whether the x axis is logarithmic.
+
+    The range is the central (q, 100 - q) percentiles of the finite scores, so a few extreme values
+    (DAO's ratios raised to LID powers reach 1e6 and more) do not squeeze the rest into one bin;
+    values outside are drawn in the edge bins. Positive scores spanning more than two decades are
+    binned logarithmically."""
+    finite = s[np.isfinite(s)]
+    if len(finite) == 0:
+        return np.linspace(0.0, 1.0, n + 1), False
+    lo, hi = np.percentile(finite, [q, 100 - q])
+    if hi <= lo:  # (nearly) constant scores
+        lo, hi = float(finite.min()), float(finite.max())
+        if hi <= lo:
+            lo, hi = lo - 0.5, hi + 0.5
+    if lo > 0 and hi / lo > 100:
+        return np.geomspace(lo, hi, n + 1), True
+    return np.linspace(lo, hi, n + 1), False
+
+
 def score_histograms(path: Path, labels: np.ndarray, scores: dict[str, np.ndarray]) -> Path:
     n = len(scores)
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3), squeeze=False)
     y = labels.astype(bool)
     for ax, (name, s) in zip(axes[0], scores.items()):
-        lo, hi = np.percentile(s, [0.1, 99.9])
-        lo, hi = min(lo, s[y].min()), max(hi, s[y].max())
-        bins = np.linspace(lo, hi, 60)
-        ax.hist(np.clip(s[~y], lo, hi), bins=bins, density=True, alpha=0.6, label=f"clean ({(~y).sum()})")
-        ax.hist(np.clip(s[y], lo, hi), bins=bins, density=True, alpha=0.6, label=f"poisoned ({y.sum()})")
-        ax.set(title=name, xlabel="score (higher = more suspicious)")
-    axes[0][0].set_ylabel("density")
+        bins, log_x = histogram_bins(s)
+        lo, hi = bins[0], bins[-1]
+        clip = lambda v: np.clip(v[np.isfinite(v)], lo, hi)  # noqa: E731 - outliers into the edge bins
+        for part, label in ((s[~y], f"clean ({(~y).sum()})"), (s[y], f"poisoned ({y.sum()})")):
+            v = clip(part)  # each group's share per bin (bins differ in width on a log axis)
+            ax.hist(v, bins=bins, weights=np.full(len(v), 1 / max(1, len(v))), alpha=0.6, label=label)
+        if log_x:
+            ax.set_xscale("log")
+        ax.set(title=name, xlabel="score (higher = more suspicious)" + (", log scale" if log_x else ""))
+        ax.text(0.99, 0.97, "0.5-99.5 percentile range", transform=ax.transAxes, ha="right", va="top", fontsize=6)
+    axes[0][0].set_ylabel("share of the group")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)

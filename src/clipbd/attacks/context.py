@@ -46,7 +46,7 @@ class PlanContext:
     def captions(self) -> list[str]:
         """Every training caption, by global sample index (reads the shards once)."""
         if "captions" not in self._cache:
-            self._cache["captions"] = [s.caption for path in self.index.shards for s in iter_shard(path)]
+            self._cache["captions"] = [s.caption for sid in range(len(self.index.shards)) for s in self.index.read(sid)]
         return self._cache["captions"]
 
     @functools.cached_property
@@ -80,7 +80,7 @@ class PlanContext:
             lo, hi = int(offsets[sid]), int(offsets[sid] + self.index.counts[sid])
             if not any(lo <= i < hi for i in want):
                 continue
-            for s in iter_shard(path):
+            for s in self.index.read(sid):
                 j = want.get(lo + s.pos)
                 if j is not None:
                     out[j] = to_tensor(decode_image(s, f"{path}:{s.key}"))

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipbd.attacks.plan import PoisonLookup
-from clipbd.data.shards import ShardIndex, decode_image, iter_shard
+from clipbd.data.shards import ShardIndex, decode_image
 
 
 class ShardDataset(IterableDataset):
@@ -50,7 +50,7 @@ class ShardDataset(IterableDataset):
     def _raw(self) -> Iterator[tuple[int, Any]]:
         """(shard id, undecoded sample) in read order."""
         for sid in self._my_shards():
-            yield from ((sid, s) for s in iter_shard(self.index.shards[sid]))
+            yield from ((sid, s) for s in self.index.read(sid))  # the indexed samples only
 
     def _decode(self, sid: int, s: Any) -> dict:
         path = self.index.shards[sid]

@@ -30,14 +30,37 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # in order of preference when a sam
 CAPTION_EXT = "txt"
 META_EXT = "json"
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-INDEX_FORMAT = "clipbd.shard_index/1"
+INDEX_FORMAT = "clipbd.shard_index/2"  # /2 adds positions, members, skipped
+_READ_FORMATS = ("clipbd.shard_index/1", INDEX_FORMAT)
 
 # webdataset's split of a member name into (key, extension): key keeps any directory prefix.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
 
 class DataError(Exception):
-    """A dataset problem, told in one line naming the file/member and the fix."""
+    """A dataset problem, told in one line naming the file/member and the fix.
+
+    `reason` names the kind (one of SKIP_REASONS; `data.on_error=skip` counts skipped samples by
+    it) and `member` the key or tar member it concerns ("" for a whole shard)."""
+
+    def __init__(self, message: str, reason: str = "corrupt_shard", member: str = ""):
+        super().__init__(message)
+        self.reason, self.member = reason, member
+
+
+# Why a sample (or a whole shard) can be skipped under data.on_error=skip; docs/data.md.
+SKIP_REASONS = ("empty_shard", "corrupt_shard", "truncated_shard", "bad_member", "missing_member",
+                "duplicate_member", "duplicate_key", "bad_caption", "bad_metadata", "corrupt_image")
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """One sample (or shard) left out of the index, and why: a row of `skipped.csv`."""
+
+    shard: str
+    member: str   # the sample's key, or the tar member where the shard broke off ("" = whole shard)
+    reason: str   # one of SKIP_REASONS
+    message: str  # the one-line error data.on_error=raise would have raised
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,6 +140,9 @@ def _open_tar(path: str) -> tarfile.TarFile:
     # end-of-archive check below can look at the bytes after the last member.
     mode = "r:gz" if path.endswith((".tar.gz", ".tgz")) else "r:"
     try:
+        if os.path.getsize(path) == 0:  # an interrupted copy or download; not img2dataset's empty tar
+            raise DataError(f"empty shard {path}: 0 bytes, not a tar; re-download or regenerate it, or "
+                            "drop it from dataset.shards", reason="empty_shard")
         return tarfile.open(path, mode=mode)
     except FileNotFoundError:
         raise DataError(f"missing shard {path}; fix the dataset path") from None
@@ -141,7 +167,7 @@ def _members(tf: tarfile.TarFile, path: str) -> Iterator[tarfile.TarInfo]:
         _check_end_marker(tf, path, last)
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
         raise DataError(f"corrupt shard {path}: {_reason(e)} (after member {last}); "
-                        "re-download or regenerate it") from None
+                        "re-download or regenerate it", reason="truncated_shard", member=last) from None
 
 
 def _check_end_marker(tf: tarfile.TarFile, path: str, last: str) -> None:
@@ -151,31 +177,47 @@ def _check_end_marker(tf: tarfile.TarFile, path: str, last: str) -> None:
     tail = tf.fileobj.read(tarfile.BLOCKSIZE)
     if len(tail) < tarfile.BLOCKSIZE or tail.count(0) != tarfile.BLOCKSIZE:
         raise DataError(f"corrupt shard {path}: missing end-of-archive marker, the file looks truncated "
-                        f"(after member {last}); re-download or regenerate it")
+                        f"(after member {last}); re-download or regenerate it", reason="truncated_shard", member=last)
 
 
-def _group(infos: Iterable[tarfile.TarInfo], path: str) -> Iterator[tuple[str, dict[str, tarfile.TarInfo]]]:
-    """Consecutive members with the same key -> (key, {ext: member}); checks img2dataset's grouping."""
+Group = tuple[str, dict[str, tarfile.TarInfo], "DataError | None"]
+
+
+def _group(infos: Iterable[tarfile.TarInfo], path: str, strict: bool = True) -> Iterator[Group]:
+    """Consecutive members with the same key -> (key, {ext: member}, problem); checks img2dataset's
+    grouping. strict: a problem raises at once; else it rides along with its group (a member
+    without a key.ext name becomes a group of its own), for data.on_error=skip to leave out. The
+    groups' order — their ordinal is a sample's raw position in the shard — is the same either way."""
+    def flag(err: DataError, group_problem=None):
+        if strict:
+            raise err
+        return group_problem or err
+
     seen: set[str] = set()
-    key, group = None, {}
+    key, group, problem = None, {}, None
     for info in infos:
         k, ext = split_member(info.name)
         if not k:
-            raise DataError(f"shard {path}: member {info.name!r} has no key.ext name; "
-                            "shards must hold {key}.jpg/{key}.txt/{key}.json members")
+            yield info.name, {}, flag(DataError(
+                f"shard {path}: member {info.name!r} has no key.ext name; shards must hold "
+                "{key}.jpg/{key}.txt/{key}.json members", reason="bad_member", member=info.name))
+            continue
         if k != key:
             if key is not None:
-                yield key, group
+                yield key, group, problem
+            key, group, problem = k, {}, None
             if k in seen:
-                raise DataError(f"shard {path}: duplicate key {k!r} (its members are not adjacent "
-                                "or repeat); regenerate the shard with unique keys")
+                problem = flag(DataError(f"shard {path}: duplicate key {k!r} (its members are not adjacent "
+                                         "or repeat); regenerate the shard with unique keys",
+                                         reason="duplicate_key", member=k))
             seen.add(k)
-            key, group = k, {}
         if ext.lower() in group:
-            raise DataError(f"shard {path}: duplicate member {info.name!r}; regenerate the shard")
+            problem = flag(DataError(f"shard {path}: duplicate member {info.name!r}; regenerate the shard",
+                                     reason="duplicate_member", member=k), problem)
+            continue
         group[ext.lower()] = info
     if key is not None:
-        yield key, group
+        yield key, group, problem
 
 
 def _image_ext(group: dict, path: str, key: str) -> str:
@@ -186,28 +228,55 @@ def _image_ext(group: dict, path: str, key: str) -> str:
             return ext
     have = sorted(group)
     raise DataError(f"shard {path}: sample {key!r} has members {have} but needs an image "
-                    f"({'/'.join(IMAGE_EXTS)}) and a caption (txt); remove or repair the sample")
+                    f"({'/'.join(IMAGE_EXTS)}) and a caption (txt); remove or repair the sample",
+                    reason="missing_member", member=key)
 
 
-def iter_shard(path: str) -> Iterator[Sample]:
+def _read_sample(tf: tarfile.TarFile, path: str, key: str, group: dict, pos: int) -> Sample:
+    """The members of one group -> Sample; raises DataError (naming the member) on a bad one.
+    Extra members (e.g. ``.cls``) are kept in ``meta[ext]`` if their extension ends in "json"
+    (parsed), else ignored."""
+    ext = _image_ext(group, path, key)
+    # read the needed members in tar order (sequential I/O); skip ignored ones (.cls, 2nd image)
+    data = {e: _read_member(tf, info, path) for e, info in group.items()
+            if e in (ext, CAPTION_EXT) or e.endswith("json")}
+    meta = _parse_json(data[META_EXT], path, group[META_EXT].name) if META_EXT in group else {}
+    for extra in data:
+        if extra != META_EXT and extra.endswith("json"):
+            meta[extra] = _parse_json(data[extra], path, group[extra].name)
+    caption = _decode_text(data[CAPTION_EXT], path, group[CAPTION_EXT].name)
+    return Sample(key=key, pos=pos, image=data[ext], ext=ext, caption=caption, meta=meta)
+
+
+def iter_shard(path: str, positions: Sequence[int] | None = None) -> Iterator[Sample]:
     """Stream the samples of one tar in order. Raises DataError on corrupt tars or incomplete samples.
 
-    Extra members (e.g. ``.cls``) are kept in ``meta[ext]`` if their extension ends in "json"
-    (parsed), else ignored.
+    positions: read only the samples at these raw positions (ascending ordinals of the member
+    groups, what `ShardIndex.read` passes for a shard the index left samples out of); the others
+    are passed over unread, reading stops after the last one (a shard truncated after it reads
+    fine) and `Sample.pos` counts the samples read. None: every sample, each one must be sound.
     """
     path = os.fspath(path)
+    if positions is None:
+        with _open_tar(path) as tf:
+            for pos, (key, group, _) in enumerate(_group(_members(tf, path), path)):
+                yield _read_sample(tf, path, key, group, pos)
+        return
+    want = [int(p) for p in positions]
+    if not want:
+        return
     with _open_tar(path) as tf:
-        for pos, (key, group) in enumerate(_group(_members(tf, path), path)):
-            ext = _image_ext(group, path, key)
-            # read the needed members in tar order (sequential I/O); skip ignored ones (.cls, 2nd image)
-            data = {e: _read_member(tf, info, path) for e, info in group.items()
-                    if e in (ext, CAPTION_EXT) or e.endswith("json")}
-            meta = _parse_json(data[META_EXT], path, group[META_EXT].name) if META_EXT in group else {}
-            for extra in data:
-                if extra != META_EXT and extra.endswith("json"):
-                    meta[extra] = _parse_json(data[extra], path, group[extra].name)
-            caption = _decode_text(data[CAPTION_EXT], path, group[CAPTION_EXT].name)
-            yield Sample(key=key, pos=pos, image=data[ext], ext=ext, caption=caption, meta=meta)
+        j = 0
+        for raw, (key, group, problem) in enumerate(_group(_members(tf, path), path, strict=False)):
+            if raw == want[j]:
+                if problem is not None:
+                    raise problem
+                yield _read_sample(tf, path, key, group, j)
+                j += 1
+                if j == len(want):
+                    return
+    raise DataError(f"shard {path}: {len(want) - j} indexed samples not found, the shard changed since it "
+                    "was indexed; re-index it (force=[data])")
 
 
 def _read_member(tf: tarfile.TarFile, info: tarfile.TarInfo, path: str) -> bytes:
@@ -216,10 +285,11 @@ def _read_member(tf: tarfile.TarFile, info: tarfile.TarInfo, path: str) -> bytes
         data = f.read() if f is not None else b""
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DataError(f"corrupt shard {path}: {_reason(e)} (in member {info.name}); "
-                        "re-download or regenerate it") from None
+                        "re-download or regenerate it", reason="truncated_shard", member=info.name) from None
     if len(data) != info.size:
         raise DataError(f"corrupt shard {path}: member {info.name} is truncated "
-                        f"({len(data)} of {info.size} bytes); re-download or regenerate it")
+                        f"({len(data)} of {info.size} bytes); re-download or regenerate it",
+                        reason="truncated_shard", member=info.name)
     return data
 
 
@@ -227,14 +297,16 @@ def _decode_text(data: bytes, path: str, name: str) -> str:
     try:
         return data.decode("utf-8")  # as stored: no stripping, so captions round-trip exactly
     except UnicodeDecodeError as e:
-        raise DataError(f"corrupt caption {path}:{name}: not UTF-8 ({_reason(e)}); repair the caption") from None
+        raise DataError(f"corrupt caption {path}:{name}: not UTF-8 ({_reason(e)}); repair the caption",
+                        reason="bad_caption", member=name) from None
 
 
 def _parse_json(data: bytes, path: str, name: str) -> dict:
     try:
         obj = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"corrupt metadata {path}:{name}: {_reason(e)}; repair or drop the member") from None
+        raise DataError(f"corrupt metadata {path}:{name}: {_reason(e)}; repair or drop the member",
+                        reason="bad_metadata", member=name) from None
     return obj if isinstance(obj, dict) else {"value": obj}
 
 
@@ -261,7 +333,9 @@ def decode_image(sample_or_bytes: Sample | bytes, where: str = ""):
             im.load()  # decode everything now, so truncated files fail here and not in a worker later
             return im.convert("RGB")
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        raise DataError(f"corrupt image {where or '<bytes>'}: {_reason(e)}") from None
+        raise DataError(f"corrupt image {where or '<bytes>'}: {_reason(e)}", reason="corrupt_image",
+                        member=where) from None
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,13 +344,20 @@ def decode_image(sample_or_bytes: Sample | bytes, where: str = ""):
 
 @dataclass(eq=False)  # array fields: compare with fingerprint() or field by field
 class ShardIndex:
-    """Sample counts and keys of an ordered shard list. Global index = offsets[shard] + pos."""
+    """Sample counts and keys of an ordered shard list. Global index = offsets[shard] + pos.
+
+    The index decides which samples exist: with data.on_error=skip, samples (or shards) that
+    cannot be read are left out and listed in `skipped`, and `positions` keeps where each indexed
+    sample sits in its tar, so every reader (`read`) sees exactly the indexed samples."""
 
     shards: list[str]
     counts: np.ndarray                       # (num_shards,) int64
     keys: np.ndarray                         # (num_samples,) str, shard order then tar order
     sizes: np.ndarray = field(default=None)  # (num_shards,) int64 file sizes when indexed
     mtimes: np.ndarray = field(default=None)  # (num_shards,) int64 mtime_ns when indexed
+    positions: np.ndarray = field(default=None)  # (num_samples,) int64 raw member-group ordinal in its tar
+    members: np.ndarray = field(default=None)  # (num_samples,) str image member name ("" if unknown)
+    skipped: list = field(default_factory=list)  # [Skipped]: what the index left out
 
     def __post_init__(self) -> None:
         self.shards = [os.fspath(s) for s in self.shards]
@@ -285,9 +366,43 @@ class ShardIndex:
         n = len(self.shards)
         self.sizes = np.zeros(n, np.int64) if self.sizes is None else np.asarray(self.sizes, np.int64)
         self.mtimes = np.zeros(n, np.int64) if self.mtimes is None else np.asarray(self.mtimes, np.int64)
-        if not (len(self.counts) == len(self.sizes) == len(self.mtimes) == n) or self.counts.sum() != len(self.keys):
+        m = len(self.keys)
+        if self.positions is None:  # nothing left out: a sample's raw position is its position
+            self.positions = np.arange(m, dtype=np.int64) - np.repeat(self.offsets_of(self.counts), self.counts)
+        self.positions = np.asarray(self.positions, np.int64).reshape(-1)
+        self.members = np.full(m, "") if self.members is None else np.asarray(self.members, dtype=str).reshape(-1)
+        self.skipped = list(self.skipped)
+        if (not (len(self.counts) == len(self.sizes) == len(self.mtimes) == n) or self.counts.sum() != m
+                or len(self.positions) != m or len(self.members) != m):
             raise DataError(f"inconsistent shard index: {n} shards, {len(self.counts)} counts summing to "
-                            f"{int(self.counts.sum())}, {len(self.keys)} keys; rebuild it with build_index")
+                            f"{int(self.counts.sum())}, {m} keys; rebuild it with build_index")
+
+    @staticmethod
+    def offsets_of(counts: np.ndarray) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if len(counts) else np.zeros(0, np.int64)
+
+    def read(self, shard_id: int) -> Iterator[Sample]:
+        """The indexed samples of shard `shard_id`, in order, `pos` = position among them (the
+        global index is offsets[shard_id] + pos). Samples the index left out are never read."""
+        path = self.shards[shard_id]
+        if path not in self._gappy:
+            return iter_shard(path)
+        lo = int(self.offsets[shard_id])
+        return iter_shard(path, positions=self.positions[lo:lo + int(self.counts[shard_id])].tolist())
+
+    @property
+    def _gappy(self) -> set[str]:
+        """Shards the index left something out of: read by position."""
+        if getattr(self, "_gappy_cache", None) is None:
+            self._gappy_cache = {row.shard for row in self.skipped}
+        return self._gappy_cache
+
+    def skip_counts(self) -> dict[str, int]:
+        """{reason: number of skipped rows}, reasons in SKIP_REASONS order."""
+        counts = {r: 0 for r in SKIP_REASONS}
+        for row in self.skipped:
+            counts[row.reason] = counts.get(row.reason, 0) + 1
+        return {r: c for r, c in counts.items() if c}
 
     def __len__(self) -> int:
         return int(self.counts.sum())
@@ -295,7 +410,7 @@ class ShardIndex:
     @property
     def offsets(self) -> np.ndarray:
         """(num_shards,) int64: global index of each shard's first sample."""
-        return np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
+        return self.offsets_of(self.counts)
 
     def global_index(self, shard_id, pos) -> np.ndarray:
         """Global index of (shard_id, pos); vectorised over arrays."""
@@ -333,6 +448,9 @@ class ShardIndex:
         h = hashlib.sha256()
         for p, c, s, m in zip(self.shards, self.counts.tolist(), self.sizes.tolist(), self.mtimes.tolist()):
             h.update(f"{p}\0{c}\0{s}\0{m}\n".encode())
+        if self.skipped:  # which samples exist; an index that left nothing out hashes as before
+            h.update(self.positions.tobytes())
+            h.update("".join(f"{r.shard}\0{r.member}\0{r.reason}\n" for r in self.skipped).encode())
         return h.hexdigest()[:16]
 
     def stale_shards(self) -> list[str]:
@@ -355,8 +473,12 @@ class ShardIndex:
                 f.attrs["created_by"] = "clipbd.data.shards.build_index"
                 f.create_dataset("shards", data=np.array(self.shards, dtype=object), dtype=str_dt)
                 f.create_dataset("keys", data=self.keys.astype(object), dtype=str_dt)
-                for name in ("counts", "sizes", "mtimes"):
+                for name in ("counts", "sizes", "mtimes", "positions"):
                     f.create_dataset(name, data=getattr(self, name))
+                f.create_dataset("members", data=self.members.astype(object), dtype=str_dt)
+                for name in ("shard", "member", "reason", "message"):
+                    f.create_dataset(f"skipped/{name}", dtype=str_dt,
+                                     data=np.array([getattr(r, name) for r in self.skipped], dtype=object))
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -369,12 +491,18 @@ class ShardIndex:
         path = os.fspath(path)
         try:
             with h5py.File(path, "r") as f:
-                if f.attrs.get("format") != INDEX_FORMAT:
+                if f.attrs.get("format") not in _READ_FORMATS:
                     raise DataError(f"{path} is not a clipbd shard index (format {f.attrs.get('format')!r}); "
                                     "rebuild it with build_index")
+                skipped = [Skipped(*row) for row in zip(*(f[f"skipped/{n}"].asstr()[:].tolist() for n in
+                                                          ("shard", "member", "reason", "message")))
+                           ] if "skipped" in f else []
                 return cls(shards=list(f["shards"].asstr()[:]), counts=f["counts"][:],
                            keys=np.asarray(f["keys"].asstr()[:], dtype=str),
-                           sizes=f["sizes"][:], mtimes=f["mtimes"][:])
+                           sizes=f["sizes"][:], mtimes=f["mtimes"][:],
+                           positions=f["positions"][:] if "positions" in f else None,
+                           members=np.asarray(f["members"].asstr()[:], dtype=str) if "members" in f else None,
+                           skipped=skipped)
         except (OSError, KeyError) as e:
             raise DataError(f"cannot read shard index {path}: {_reason(e)}; delete it and rebuild") from None
 
@@ -392,30 +520,113 @@ def _stat_all(shards: Sequence[str]) -> list[tuple[int, int]]:
 
 def shard_keys(path: str) -> list[str]:
     """Sample keys of one shard in tar order, from headers only; validates grouping like iter_shard."""
+    return _shard_entries(path)[0]
+
+
+def _shard_entries(path: str) -> tuple[list[str], list[str]]:
+    """(keys, image member names) of one shard from headers only; any problem raises DataError."""
     path = os.fspath(path)
     with _open_tar(path) as tf:
-        keys = []
-        for key, group in _group(_members(tf, path), path):
-            _image_ext(group, path, key)
+        keys, members = [], []
+        for key, group, _ in _group(_members(tf, path), path):
             keys.append(key)
-        return keys
+            members.append(group[_image_ext(group, path, key)].name)
+        return keys, members
 
 
-def build_index(shards: str | Sequence[str], progress: bool = True, workers: int = 1) -> ShardIndex:
-    """Index shards (a spec or a list) from tar headers only: no image is read or decoded.
+def scan_shard(path: str) -> tuple[list[str], list[str], list[int], list[Skipped]]:
+    """(keys, image members, raw positions, skipped) of one shard, reading every sample as the
+    loader will (members, caption, metadata, a full image decode): the samples that fail are
+    left out, each with its reason; a shard that breaks off keeps the samples before the break."""
+    path = os.fspath(path)
+    keys: list[str] = []
+    members: list[str] = []
+    raws: list[int] = []
+    skipped: list[Skipped] = []
+    try:
+        tf = _open_tar(path)
+    except DataError as e:
+        return keys, members, raws, [Skipped(path, e.member, e.reason, str(e))]
+    with tf:
+        try:
+            for raw, (key, group, problem) in enumerate(_group(_members(tf, path), path, strict=False)):
+                try:
+                    if problem is not None:
+                        raise problem
+                    sample = _read_sample(tf, path, key, group, raw)
+                    decode_image(sample, f"{path}:{key}")  # the loader's own decode: the same verdict
+                except DataError as e:
+                    skipped.append(Skipped(path, key, e.reason, str(e)))
+                    continue
+                keys.append(key)
+                members.append(group[sample.ext].name)
+                raws.append(raw)
+        except DataError as e:  # the tar itself broke off (the group being read is lost with it)
+            skipped.append(Skipped(path, e.member, e.reason, str(e)))
+    return keys, members, raws, skipped
 
-    Raises DataError on corrupt tars, duplicate keys within a shard, or incomplete samples.
+
+ON_ERROR = ("skip", "raise")
+
+
+def build_index(shards: str | Sequence[str], progress: bool = True, workers: int = 1,
+                on_error: str = "raise") -> ShardIndex:
+    """Index shards (a spec or a list); keys must be unique across the shards.
+
+    on_error="raise" (training: losing samples changes the experiment): from tar headers only, no
+    image is read or decoded; a corrupt tar, a duplicate key (within a shard or across shards) or
+    an incomplete sample raises DataError; images and captions are checked when they are read.
+    on_error="skip" (scans): every sample is read and its image decoded once, here; samples that
+    fail (and a later repeat of a key) are left out of the index and listed in `index.skipped`,
+    so every stage reading through the index sees the same samples.
     """
+    if on_error not in ON_ERROR:
+        raise ValueError(f"data.on_error={on_error!r}: must be one of {', '.join(ON_ERROR)}")
     shards = expand_shards(shards) if isinstance(shards, (str, os.PathLike)) else [os.fspath(s) for s in shards]
     stats = _stat_all(shards)  # before reading, so a shard rewritten meanwhile looks stale later
     from tqdm import tqdm
 
+    read = scan_shard if on_error == "skip" else lambda p: (*_shard_entries(p), None, [])
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        per_shard = list(tqdm(pool.map(shard_keys, shards), total=len(shards), disable=not progress,
+        per_shard = list(tqdm(pool.map(read, shards), total=len(shards), disable=not progress,
                               desc="index shards", unit="shard"))
-    return ShardIndex(shards=list(shards), counts=np.array([len(k) for k in per_shard], np.int64),
-                      keys=np.array([k for ks in per_shard for k in ks], dtype=str),
-                      sizes=np.array([s for s, _ in stats], np.int64), mtimes=np.array([m for _, m in stats], np.int64))
+    keys = np.array([k for ks, *_ in per_shard for k in ks], dtype=str)
+    members = np.array([m for _, ms, *_ in per_shard for m in ms], dtype=str)
+    counts = np.array([len(ks) for ks, *_ in per_shard], np.int64)
+    raws = None if on_error == "raise" else np.array([r for *_, rs, _ in per_shard for r in rs], np.int64)
+    skipped = [row for *_, rows in per_shard for row in rows]
+    keep = _first_of_each_key(keys, counts, shards, on_error, skipped)
+    order = {p: i for i, p in enumerate(shards)}
+    if not keep.all():
+        sid = np.repeat(np.arange(len(shards)), counts)
+        counts = np.bincount(sid[keep], minlength=len(shards)).astype(np.int64)
+        keys, members, raws = keys[keep], members[keep], raws[keep]
+    return ShardIndex(shards=list(shards), counts=counts, keys=keys, members=members, positions=raws,
+                      sizes=np.array([s for s, _ in stats], np.int64), mtimes=np.array([m for _, m in stats], np.int64),
+                      skipped=sorted(skipped, key=lambda r: order[r.shard]))
+
+
+def _first_of_each_key(keys: np.ndarray, counts: np.ndarray, shards: list[str], on_error: str,
+                       skipped: list[Skipped]) -> np.ndarray:
+    """Mask of the samples to keep: a key seen in an earlier shard is refused (raise) or its later
+    samples are left out and recorded in `skipped` (skip). Keys within a shard are unique already."""
+    keep = np.ones(len(keys), bool)
+    if len(keys) == 0:
+        return keep
+    uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    later = np.nonzero(first[inverse] != np.arange(len(keys)))[0]
+    if len(later) == 0:
+        return keep
+    sid = np.repeat(np.arange(len(shards)), counts)
+    for i in later.tolist():
+        k, a, b = keys[i], shards[sid[first[inverse[i]]]], shards[sid[i]]
+        msg = (f"duplicate key {k!r} in shards {a} and {b} ({len(later)} repeated key(s) in all): a key names "
+               "one sample; deduplicate the shards, or set data.on_error=skip to keep the first of each")
+        if on_error == "raise":
+            raise DataError(msg, reason="duplicate_key", member=k)
+        skipped.append(Skipped(b, k, "duplicate_key", msg))
+    keep[later] = False
+    return keep
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,6 +686,23 @@ class ShardWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.abort() if exc_type is not None else self.close()
+
+
+def write_skipped(path: str | os.PathLike, rows: Sequence[Skipped]) -> None:
+    """`skipped.csv`: one row per skipped sample or shard (shard, member, reason, message), atomically."""
+    import csv
+
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(["shard", "member", "reason", "message"])
+            w.writerows([r.shard, r.member, r.reason, r.message] for r in rows)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def stats_path(shard_path: str) -> str:

@@ -105,6 +105,7 @@ class ABL:
 
     epochs: int = 5  # average the per-sample loss over the first `epochs` epochs of pretraining
     needs: ClassVar[str] = "training"
+    higher_is_suspicious: ClassVar[bool] = True  # clipbd.detectors.ranking
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

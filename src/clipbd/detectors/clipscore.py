@@ -32,6 +32,7 @@ class CLIPScore:
     """Config face (conf/detector/clipscore.yaml): needs only the extracted image and caption embeddings."""
 
     needs: ClassVar[str] = "pairs"
+    higher_is_suspicious: ClassVar[bool] = True  # clipbd.detectors.ranking
 
     def score_pairs(self, image_emb, text_emb) -> np.ndarray:
         return clip_scores(image_emb, text_emb)

@@ -72,6 +72,7 @@ class CognitiveDistillation:
     beta: float = 1.0
     mask_channels: int = 1
     needs: ClassVar[str] = "images"
+    higher_is_suspicious: ClassVar[bool] = True  # clipbd.detectors.ranking
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.lr <= 0 or self.mask_channels not in (1, 3):

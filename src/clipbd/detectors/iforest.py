@@ -39,6 +39,7 @@ class IsolationForest:
     n_estimators: int = 100
     max_samples: Any = "auto"  # rows per tree: "auto" = min(256, rows), an int, or a fraction
     needs: ClassVar[str] = "reference"
+    higher_is_suspicious: ClassVar[bool] = True  # clipbd.detectors.ranking
 
     def __post_init__(self) -> None:
         if self.n_estimators < 1:

@@ -28,5 +28,13 @@ class Neighbourhood:
             raise ValueError(f"detector convention={self.convention!r}: must be textbook or faithful")
 
     @property
+    def higher_is_suspicious(self) -> bool:
+        """k-distance, SLOF and DAO are outlier scores: higher is more suspicious. LID estimates a
+        dimension, and which way a poison moves it depends on the regime: in-batch at a 5% poison
+        rate a poison's neighbours are the other poisons and its LID is *lower* than clean (AUROC
+        0.015, experiments/detectors_default/README.md), against every sample it is higher (0.65)."""
+        return self.method not in ("lid", "lid_mom")
+
+    @property
     def group(self) -> tuple[int, str]:
         return (self.k, self.convention)

@@ -59,16 +59,23 @@ def _register_arch(name: str, arch: dict[str, Any]) -> None:
 
 def create(mcfg: DictConfig, device: str = "cpu", checkpoint: str | Path | None = None) -> ClipBundle:
     """Build the model and load `checkpoint` (default: `model.checkpoint`). A clipbd checkpoint
-    names its own architecture, which then wins over `model.name`/`model.arch`; an open_clip
-    checkpoint is loaded into `model.name`."""
+    names its own architecture: another `model.name` is refused (the run's config.yaml would name
+    a model it did not use); under the same name its recorded `arch` is used, with a warning when
+    it differs from `model.arch`. An open_clip checkpoint is loaded into `model.name`."""
     checkpoint = checkpoint or mcfg.checkpoint
     ckpt = read_checkpoint(checkpoint) if checkpoint else None
     name = mcfg.name
     arch = OmegaConf.to_container(mcfg.arch, resolve=True) if mcfg.arch is not None else None
     if ckpt is not None and ckpt.get("name"):
-        if ckpt["name"] != name or (ckpt.get("arch") and ckpt["arch"] != arch):
-            log.info("checkpoint %s is a %s model; using its architecture", checkpoint, ckpt["name"])
-        name, arch = ckpt["name"], ckpt.get("arch") or None
+        if ckpt["name"] != name:
+            raise ConfigError(f"checkpoint {checkpoint} is a {ckpt['name']} model, but model.name={name}: "
+                              f"select the model it was trained as (model.name={ckpt['name']}, e.g. the "
+                              "model group of the run that wrote it), or another checkpoint")
+        if ckpt.get("arch") and ckpt["arch"] != arch:
+            log.warning("checkpoint %s: building %s with the architecture the checkpoint records, which differs "
+                        "from model.arch in config.yaml (checkpoint vs config: %s)", checkpoint, name,
+                        _arch_diff(ckpt["arch"], arch))
+        arch = ckpt.get("arch") or None
     if arch is not None:
         _register_arch(name, arch)
     if name not in open_clip.list_models():
@@ -81,11 +88,25 @@ def create(mcfg: DictConfig, device: str = "cpu", checkpoint: str | Path | None 
     finally:
         root.setLevel(level)
     if ckpt is not None:
-        load_weights(model, ckpt["state_dict"], checkpoint)
+        load_weights(model, ckpt["state_dict"], checkpoint, name)
     pcfg = model.visual.preprocess_cfg
     size = pcfg["size"] if isinstance(pcfg["size"], int) else pcfg["size"][0]
     return ClipBundle(model=model, tokenizer=open_clip.get_tokenizer(name), image_size=int(size),
                       mean=tuple(pcfg["mean"]), std=tuple(pcfg["std"]), name=name, arch=arch)
+
+
+def _arch_diff(used: dict, configured: dict | None, prefix: str = "") -> str:
+    """The first few leaves where two architecture dicts differ, `key: used vs configured`."""
+    configured = configured or {}
+    out = []
+    for k in sorted(set(used) | set(configured)):
+        a, b = used.get(k), configured.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            sub = _arch_diff(a, b, f"{prefix}{k}.")
+            out += [sub] if sub else []
+        elif a != b:
+            out.append(f"{prefix}{k}: {a} vs {b}")
+    return ", ".join(out[:4])
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -102,8 +123,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
-        raise ConfigError(f"checkpoint {path}: cannot be read as weights only ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200]}); clipbd never executes pickled code") from None
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        if "Weights only load failed" in str(e):  # torch's refusal of a pickle that would run code
+            raise ConfigError(f"checkpoint {path}: cannot be read as weights only ({type(e).__name__}: "
+                              f"{first}); clipbd never executes pickled code") from None
+        raise ConfigError(f"checkpoint {path} is truncated or corrupt ({path.stat().st_size} bytes; "
+                          f"{type(e).__name__}: {first}); copy it again or use another checkpoint "
+                          "(e.g. an earlier checkpoints/epoch_N.pt)") from None
     meta = {"name": obj.get("name") if isinstance(obj, dict) and "model" in obj else None,
             "arch": obj.get("arch") if isinstance(obj, dict) else None}
     for key in ("model", "state_dict"):
@@ -115,7 +141,16 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return {"state_dict": {k.removeprefix("module."): v for k, v in obj.items()}, **meta}
 
 
-def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: str | Path) -> None:
+def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: str | Path, name: str = "") -> None:
+    own = model.state_dict()
+    shapes = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if shapes:  # another architecture: say so, not torch's one line per mismatched tensor
+        k, theirs, ours = shapes[0]
+        n_missing, n_extra = len(set(own) - set(sd)), len(set(sd) - set(own))
+        raise ConfigError(f"checkpoint {path} is another architecture than model.name={name or '?'}: {len(shapes)} "
+                          f"tensors differ in shape (e.g. {k}: {list(theirs)} in the file, {list(ours)} in the model)"
+                          f", {n_missing} missing, {n_extra} unexpected; set model (model=rn50, model.name=..., "
+                          "model.arch) to the architecture the checkpoint was trained as")
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ConfigError(f"checkpoint {path} does not fit the model: {len(missing)} missing keys "

@@ -1,6 +1,9 @@
 """Stage `data`: make the dataset concrete — write the synthetic shards if the dataset is synthetic,
 then index the training shards (`data_index.h5`: shard paths, per-shard counts, every key) so that
-each sample has a stable global index. Reads tar headers only; images are decoded later.
+each sample has a stable global index. With data.on_error=raise (training) it reads tar headers
+only; images are decoded later. With data.on_error=skip (scans) it reads and decodes every sample
+once and leaves the unreadable ones out of the index — the one decision every later stage sees —
+listed in `skipped.csv` and counted in metrics.json (`data/skipped/<reason>`, `data/skipped/total`).
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from clipbd import dist
-from clipbd.data.shards import build_index, expand_shards
+from clipbd.data.shards import ON_ERROR, build_index, expand_shards, write_skipped
 from clipbd.registry import ConfigError
-from clipbd.utils import progress_enabled, write_json
+from clipbd.utils import progress_enabled, read_json, write_json
 
-DEPENDS = ("dataset",)
+DEPENDS = ("dataset", "data")
+UNKEYED = ("data.workers",)  # how many threads index does not change the index
 UPSTREAM: tuple[str, ...] = ()
 log = logging.getLogger("clipbd")
 
@@ -30,9 +34,32 @@ def _synthetic(cfg: DictConfig, out: Path) -> tuple[list[str], list[str]]:
     return train, test
 
 
+def _record_skips(run_dir: Path, index, on_error: str) -> None:
+    """skipped.csv and data/skipped/* in metrics.json (skip mode; raise mode removes stale ones)."""
+    metrics_path, csv_path = run_dir / "metrics.json", run_dir / "skipped.csv"
+    old = read_json(metrics_path) if metrics_path.exists() else {}
+    new = {k: v for k, v in old.items() if not k.startswith("data/skipped/")}
+    if on_error == "skip":
+        write_skipped(csv_path, index.skipped)
+        counts = index.skip_counts()
+        new |= {f"data/skipped/{r}": c for r, c in counts.items()} | {"data/skipped/total": len(index.skipped)}
+        for reason, c in counts.items():
+            first = next(r for r in index.skipped if r.reason == reason)
+            log.warning("data: skipped %d x %s (first: %s); all in %s", c, reason, first.message, csv_path.name)
+    elif csv_path.exists():
+        csv_path.unlink()
+    if new != old:
+        write_json(metrics_path, dict(sorted(new.items())))
+
+
 def main(cfg: DictConfig) -> dict[str, Path]:
     run_dir = Path(cfg.run_dir)
-    ds = cfg.dataset
+    ds, on_error = cfg.dataset, cfg.data.on_error
+    if on_error not in ON_ERROR:
+        raise ConfigError(f"data.on_error={on_error}: must be one of {', '.join(ON_ERROR)} "
+                          "(skip: leave unreadable samples out and list them in skipped.csv)")
+    if cfg.data.workers < 1:
+        raise ConfigError(f"data.workers={cfg.data.workers}: need ≥ 1 indexing threads")
     if dist.is_main():
         if ds.synthetic is not None and ds.shards is None:
             log.info("writing synthetic shards (%d train, %d test)", ds.synthetic.num_train, ds.synthetic.num_test)
@@ -44,10 +71,16 @@ def main(cfg: DictConfig) -> dict[str, Path]:
             train = expand_shards(OmegaConf.to_container(ds.shards) if not isinstance(ds.shards, str) else ds.shards)
             test = (expand_shards(OmegaConf.to_container(ds.test_shards) if not isinstance(ds.test_shards, str)
                                   else ds.test_shards) if ds.test_shards is not None else [])
-        index = build_index(train, progress=progress_enabled())
+        index = build_index(train, progress=progress_enabled(), workers=cfg.data.workers, on_error=on_error)
         index.save(run_dir / "data_index.h5")
-        write_json(run_dir / "data.json", {"train_shards": list(index.shards), "test_shards": test,
-                                           "num_train": len(index), "fingerprint": index.fingerprint()})
-        log.info("indexed %d training samples in %d shards", len(index), len(index.shards))
+        _record_skips(run_dir, index, on_error)
+        manifest = {"train_shards": list(index.shards), "test_shards": test, "num_train": len(index),
+                    "fingerprint": index.fingerprint()}
+        if on_error == "skip":
+            manifest |= {"on_error": on_error, "skipped": index.skip_counts()}
+        write_json(run_dir / "data.json", manifest)
+        log.info("indexed %d training samples in %d shards%s", len(index), len(index.shards),
+                 f" ({len(index.skipped)} skipped, see skipped.csv)" if on_error == "skip" else "")
     dist.barrier()
-    return {"index": run_dir / "data_index.h5", "manifest": run_dir / "data.json"}
+    out = {"index": run_dir / "data_index.h5", "manifest": run_dir / "data.json"}
+    return out | ({"skipped": run_dir / "skipped.csv"} if on_error == "skip" else {})

@@ -65,6 +65,9 @@ def main(cfg: DictConfig) -> dict[str, Path]:
                 plan = attack.plan(n, rng(cfg.seed, "poison"), pool)
             plan["seed"] = int(cfg.seed)
         write_json(path, plan)
-        log.info("poison plan: %d of %d samples poisoned (%s)", plan["poison_count"], n, plan["attack"])
+        if plan["attack"] is None:
+            log.info("poison plan: no attack configured, none of the %d samples poisoned", n)
+        else:
+            log.info("poison plan: %d of %d samples poisoned (%s)", plan["poison_count"], n, plan["attack"])
     dist.barrier()
     return {"plan": path}

@@ -31,7 +31,7 @@ from clipbd.models.loss import clip_loss, clip_loss_per_sample
 from clipbd.registry import ConfigError
 from clipbd.runstate import note_earlier_seconds, stage_key
 from clipbd.stages.poison import build_attack
-from clipbd.utils import derive_seed, progress
+from clipbd.utils import atomic_path, derive_seed, progress
 
 DEPENDS = ("model", "train", "seed")
 UNKEYED = ("train.checkpoint_every",)  # which epoch files are kept does not change the model
@@ -79,13 +79,14 @@ def _save(ckpt_dir: Path, epoch: int, key: str, bundle, opt, *, elapsed_s: float
     """Write `epoch_N.pt` and copy it to `latest.pt` (both atomically); keep=False removes the epoch file.
     elapsed_s: seconds the stage has spent so far over all attempts (a resumed run's marker counts them)."""
     path = ckpt_dir / f"epoch_{epoch}.pt"
-    tmp = path.with_name(f".{path.name}.tmp")
     # name + arch make the checkpoint self-describing: `model.checkpoint=` alone rebuilds it.
-    torch.save({"model": bundle.model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                "stage_key": key, "name": bundle.name, "arch": bundle.arch, "elapsed_s": elapsed_s}, tmp)
-    tmp.replace(path)
-    shutil.copyfile(path, ckpt_dir / ".latest.pt.tmp")
-    (ckpt_dir / ".latest.pt.tmp").replace(ckpt_dir / "latest.pt")
+    # Temp name then rename, and a failed write (a full disk) removes its partial file: latest.pt
+    # stays the previous complete checkpoint.
+    with atomic_path(path) as tmp:
+        torch.save({"model": bundle.model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                    "stage_key": key, "name": bundle.name, "arch": bundle.arch, "elapsed_s": elapsed_s}, tmp)
+    with atomic_path(ckpt_dir / "latest.pt") as tmp:
+        shutil.copyfile(path, tmp)
     if not keep:
         path.unlink()
         return ckpt_dir / "latest.pt"

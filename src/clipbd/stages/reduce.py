@@ -1,7 +1,9 @@
 """Stage `reduce`: merge the extraction groups into `scores.h5` (one dataset per detector, indexed by
 global sample index), check that every sample is there exactly once, compute detection metrics
-(AUROC, AUPRC, FPR at 95% TPR) against the poison plan, write `ranked.csv` (most suspicious first)
-and the ROC / score-histogram plots.
+(AUROC, AUPRC, FPR at 95% TPR) against the poison plan, write `ranked.csv` (most suspicious first
+by `report.sort_by`, with each sample's shard file and tar member) and the ROC / score-histogram
+plots. "Every sample" is every sample of the index: those the data stage skipped (skipped.csv) are
+not in it, so they are neither expected nor reported missing.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from omegaconf import DictConfig
 
 from clipbd import dist, scoring
 from clipbd.attacks.plan import PoisonLookup
+from clipbd.detectors.ranking import sort_detector
 from clipbd.data.sources import load_index
 from clipbd.metrics import detection_metrics
 from clipbd.plots import roc_plot, score_histograms
 from clipbd.stages.extract import bank_path, build_detectors, group_paths
 from clipbd.utils import atomic_path, read_json, write_json
 
-DEPENDS = ("detector", "scoring", "seed")
+DEPENDS = ("detector", "scoring", "seed", "report")
 UPSTREAM = ("data", "poison", "extract")
 log = logging.getLogger("clipbd")
 
@@ -35,7 +38,8 @@ class CoverageError(RuntimeError):
 def _describe(indices: np.ndarray, index) -> str:
     shard_ids, _ = index.locate(indices[:20])
     where = sorted({Path(index.shards[s]).name for s in shard_ids})
-    return f"{len(indices)} (first: {indices[:10].tolist()}; in shards {', '.join(where[:5])})"
+    skipped = f"; the {len(index.skipped)} skipped while indexing (skipped.csv) are not expected" if index.skipped else ""
+    return f"{len(indices)} (first: {indices[:10].tolist()}; in shards {', '.join(where[:5])}{skipped})"
 
 
 _PER_JOB = ("stages=", "extract.task=", "extract.num_tasks=", "extract.groups=", "force=", "run_dir=", "hydra.")
@@ -83,10 +87,11 @@ def gather(cfg: DictConfig, index) -> dict:
     return {k: v[order] for k, v in merged.items()}
 
 
-def write_scores(path: Path, data: dict, labels: np.ndarray | None, detectors: list[str]) -> None:
+def write_scores(path: Path, data: dict, labels: np.ndarray | None, detectors: list[str], sort_by: str) -> None:
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["producer"] = "clipbd.stages.reduce"
         f.attrs["detectors"] = np.array(detectors, dtype=h5py.string_dtype())
+        f.attrs["ranked_by"] = sort_by  # the detector ranked.csv is sorted by
         f["index"] = data["index"]
         f["key"] = data["key"]
         if labels is not None:
@@ -95,13 +100,19 @@ def write_scores(path: Path, data: dict, labels: np.ndarray | None, detectors: l
             f[d] = data[f"scores/{d}"]  # one dataset per detector, position = global sample index
 
 
-def write_ranked(path: Path, data: dict, labels: np.ndarray | None, detectors: list[str]) -> None:
-    order = np.argsort(-data[f"scores/{detectors[0]}"], kind="stable")
+def write_ranked(path: Path, data: dict, labels: np.ndarray | None, detectors: list[str], sort_by: str,
+                 index) -> None:
+    """Most suspicious first by `sort_by` (ties in index order); `shard`/`member`: the tar file and
+    image member each row was read from (member empty for an index written before clipbd recorded it)."""
+    order = np.argsort(-data[f"scores/{sort_by}"], kind="stable")
+    shard_ids, _ = index.locate(data["index"])
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["index", "key", "caption"] + (["is_poison"] if labels is not None else []) + detectors)
+        w.writerow(["index", "key", "shard", "member", "caption"] + (["is_poison"] if labels is not None else [])
+                   + detectors)
         for i in order:
-            row = [int(data["index"][i]), _s(data["key"][i]), _s(data["caption"][i])]
+            g = int(data["index"][i])
+            row = [g, _s(data["key"][i]), index.shards[shard_ids[i]], index.members[g], _s(data["caption"][i])]
             row += [int(labels[i])] if labels is not None else []
             w.writerow(row + [f"{data[f'scores/{d}'][i]:.6g}" for d in detectors])
 
@@ -166,10 +177,13 @@ def main(cfg: DictConfig) -> dict[str, Path]:
     data = gather(cfg, index)
     data |= reference_set_scores(cfg, data)
     detectors = list(cfg.detector.keys())
+    sort_by = sort_detector(build_detectors(cfg), cfg.report.sort_by)
     plan = PoisonLookup.load(run_dir / "poison_plan.json")
     labels = plan.labels(len(index)) if len(plan.indices) else None
-    write_scores(out["scores"], data, labels, detectors)
-    write_ranked(out["ranked"], data, labels, detectors)
+    write_scores(out["scores"], data, labels, detectors, sort_by)
+    write_ranked(out["ranked"], data, labels, detectors, sort_by, index)
+    log.info("reduce: ranked.csv sorted by %s (report.sort_by)%s", sort_by,
+             f"; {len(index.skipped)} samples skipped while indexing are in skipped.csv" if index.skipped else "")
     if labels is None:
         update_metrics(run_dir, "detect/", {"detect/note": "no poison labels (nothing was poisoned, e.g. a scan "
                                                           "of unlabelled data): AUROC/AUPRC/FPR95 not computed"})
