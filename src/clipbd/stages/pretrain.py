@@ -94,11 +94,14 @@ def _save(ckpt_dir: Path, epoch: int, key: str, bundle, opt, *, elapsed_s: float
 
 
 def _append_losses(path: Path, epoch: int, first_step: int, losses: list[float], lrs: list[float]) -> None:
-    """One row per optimizer step (step, epoch, loss, lr); an epoch's rows are written once it is done."""
-    new = not path.exists() or epoch == 0
-    with open(path, "w" if new else "a") as fh:
-        if new:
-            fh.write("step,epoch,loss,lr\n")
+    """One row per optimizer step (step, epoch, loss, lr); an epoch's rows are written once it is done,
+    before its checkpoint, replacing rows of this epoch or later that an interrupted attempt left."""
+    kept = []
+    if path.exists() and epoch > 0:
+        kept = [ln for ln in path.read_text().splitlines(keepends=True)[1:] if int(ln.split(",")[1]) <= epoch]
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
+        fh.write("step,epoch,loss,lr\n")
+        fh.writelines(kept)
         fh.writelines(f"{first_step + i},{epoch + 1},{v!r},{lr!r}\n" for i, (v, lr) in enumerate(zip(losses, lrs)))
 
 
@@ -172,10 +175,10 @@ def main(cfg: DictConfig) -> dict[str, Path]:
         tracking.log({"train/epoch_loss": mean_loss, "train/epoch": epoch + 1}, step=(epoch + 1) * steps_per_epoch - 1)
         per_sample.merge(dist.all_reduce_sum, info.device)
         if dist.is_main():
-            per_sample.write(cfg.run_dir, epoch + 1, key)  # before the checkpoint: resuming never lacks it
+            per_sample.write(cfg.run_dir, epoch + 1, key)  # before the checkpoint: resuming never lacks them
+            _append_losses(Path(cfg.run_dir) / "train_loss.csv", epoch, epoch * steps_per_epoch, losses, lrs)
             every = tc.checkpoint_every
             _save(ckpt_dir, epoch + 1, key, bundle, opt, elapsed_s=earlier_s + time.time() - stage_t0,
                   keep=every > 0 and ((epoch + 1) % every == 0 or epoch + 1 == tc.epochs))
-            _append_losses(Path(cfg.run_dir) / "train_loss.csv", epoch, epoch * steps_per_epoch, losses, lrs)
         dist.barrier()
     return {"checkpoint": ckpt_dir / "latest.pt"}
