@@ -205,7 +205,7 @@ def test_scan_skips_and_lists_every_fault(reference_run, tmp_path):
     run_dir = tmp_path / "scan"
     proc = run_cli("+experiment=scan", f"dataset.shards={tmp_path}/shards", f"hydra.run.dir={run_dir}",
                    f"model.checkpoint={reference_run}/checkpoints/latest.pt", "scoring.batch_size=8",
-                   *[f"detector.{d}.k=3" for d in ("dao", "slof", "kdist", "lid")])
+                   "detector=[lid,dao,slof,kdist]", *[f"detector.{d}.k=3" for d in ("dao", "slof", "kdist", "lid")])
     with open(run_dir / "skipped.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert {(r["shard"], r["member"], r["reason"]) for r in rows} == {
@@ -222,6 +222,10 @@ def test_scan_skips_and_lists_every_fault(reference_run, tmp_path):
     kept = [(paths[0], k) for k in _keys(0)] + [(e["shard"], k) for e in expect.values() for k in e["kept"]]
     assert sorted((r["shard"], r["key"]) for r in ranked) == sorted(kept)
     assert all(r["member"] == f"{r['key']}.jpg" for r in ranked)
+    # LID is listed first but has no fixed direction: ranked by DAO, and scores.h5 says so
+    assert [float(r["dao"]) for r in ranked] == sorted((float(r["dao"]) for r in ranked), reverse=True)
+    with h5py.File(run_dir / "scores.h5", "r") as f:
+        assert f.attrs["ranked_by"] == "dao"
     assert sorted(int(r["index"]) for r in ranked) == list(range(len(kept)))
 
 

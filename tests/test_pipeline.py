@@ -157,7 +157,7 @@ def test_corrupt_tar_member_fails_in_one_line(smoke_run, tmp_path):
                 m.size = len(data)
             tout.addfile(m, io.BytesIO(data))
     ckpt = smoke_run[0] / "checkpoints" / "latest.pt"
-    proc = run_cli("+experiment=scan", f"dataset.shards={bad}", f"model.checkpoint={ckpt}",
+    proc = run_cli("+experiment=scan", f"dataset.shards={bad}", f"model.checkpoint={ckpt}", "data.on_error=raise",
                    f"hydra.run.dir={tmp_path}/r", "scoring.batch_size=50", check=False)
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("clipbd: error:")]
     assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
