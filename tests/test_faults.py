@@ -372,3 +372,27 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(small_disk, fails_
     assert state["epoch"] == 1 and torch.equal(state["model"]["weight"], first)
     assert not [p.name for p in ckpt_dir.iterdir() if p.name.startswith(".")]  # no partial file left
     assert (ckpt_dir / "epoch_2.pt").exists() == (fails_at == "latest copy")
+
+
+def test_on_error_keys_the_data_stage_and_workers_do_not(tmp_path):
+    from conftest import compose_cfg
+
+    from clipbd.runstate import stage_key
+
+    key = lambda *o: stage_key(compose_cfg(list(o), run_dir=tmp_path), "data")  # noqa: E731
+    assert key() == key("data.workers=4")                 # threads do not change the index
+    assert key() != key("data.on_error=skip")             # the index's contents may change
+    assert compose_cfg(["+experiment=scan"]).data.on_error == "skip"
+    assert compose_cfg([]).data.on_error == "raise"        # training stops at the first bad sample
+
+
+def test_skip_also_covers_a_non_tar_and_bad_metadata(tmp_path):
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"\x01garbage" * 200)
+    keys = _keys(7)
+    meta = _tar(tmp_path / "meta.tar", _replace(_members(keys, "m"), f"{keys[1]}.json", b"{not json"))
+    index = build_index([str(junk), str(meta)], progress=False, on_error="skip")
+    assert [(Path(r.shard).name, r.member, r.reason) for r in index.skipped] == [
+        ("junk.tar", "", "corrupt_shard"), ("meta.tar", keys[1], "bad_metadata")]
+    assert index.counts.tolist() == [0, 5] and [s.key for s in index.read(1)] == keys[:1] + keys[2:]
+    assert list(index.read(0)) == []  # a shard the index kept nothing of is never opened
