@@ -200,6 +200,7 @@ def reference_run(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow  # end-to-end through the CLI (make test runs it; make test-fast skips it)
 def test_scan_skips_and_lists_every_fault(reference_run, tmp_path):
     paths, expect = fault_shards(tmp_path / "shards")
     run_dir = tmp_path / "scan"
@@ -229,6 +230,7 @@ def test_scan_skips_and_lists_every_fault(reference_run, tmp_path):
     assert sorted(int(r["index"]) for r in ranked) == list(range(len(kept)))
 
 
+@pytest.mark.slow  # end-to-end through the CLI (make test runs it; make test-fast skips it)
 def test_training_refuses_a_duplicate_key_in_one_line(tmp_path):
     paths, expect = fault_shards(tmp_path / "shards")
     dup = expect["duplicate_key"]
@@ -286,6 +288,7 @@ def _artifacts(run_dir: Path) -> dict[str, object]:
     return out
 
 
+@pytest.mark.slow  # end-to-end through the CLI (make test runs it; make test-fast skips it)
 def test_sigkill_in_every_stage_then_resume_gives_identical_artifacts(reference_run, tmp_path):
     run_dir = tmp_path / "killed"
     args = [*SMOKE2, f"hydra.run.dir={run_dir}"]
