@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import run_cli
@@ -12,8 +13,6 @@ from clipbd.detectors.ranking import sort_detector
 from clipbd.models import factory
 from clipbd.plots import histogram_bins
 from clipbd.registry import ConfigError
-
-import numpy as np
 
 
 def _one_line(err, *needles: str) -> str:
