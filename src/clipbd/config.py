@@ -11,7 +11,11 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-STAGE_ORDER = ("data", "poison", "pretrain", "extract", "reduce", "evaluate")
+# Every stage, in the order a run executes the selected ones. Adding a stage: a module
+# clipbd/stages/<name>.py with main(cfg), DEPENDS, UPSTREAM (and UNKEYED, check(cfg) if needed), and
+# its name here (docs/architecture.md, "Adding a stage").
+STAGE_ORDER = ("data", "poison", "pretrain", "extract", "reduce", "evaluate", "encoder_attack")
+PIPELINE = STAGE_ORDER[:6]  # what a run does when `stages` is not set: the detection pipeline
 
 
 @dataclass
@@ -125,14 +129,14 @@ class LoggingConfig:
 class ClipbdConfig:
     name: str = "default"  # experiment name: run-dir prefix and W&B group
     seed: int = 0
-    stages: List[str] = field(default_factory=lambda: list(STAGE_ORDER))
+    stages: List[str] = field(default_factory=lambda: list(PIPELINE))
     force: List[str] = field(default_factory=list)  # stages to re-run even if complete
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     run_dir: str = "${hydra:runtime.output_dir}"
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     attack: Optional[Dict[str, Any]] = None  # `_target_` node (conf/attack/); null: no poisoning
-    # `_target_` node (conf/encoder_attack/) for `python -m clipbd.attacks.encoder`; null elsewhere
+    # `_target_` node (conf/encoder_attack/) for the `encoder_attack` stage; null elsewhere
     encoder_attack: Optional[Dict[str, Any]] = None
     detector: Dict[str, Any] = field(default_factory=dict)  # name -> `_target_` node (conf/detector/)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -26,6 +26,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from clipbd.errors import DataError  # re-exported: clipbd.data.shards.DataError
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # in order of preference when a sample has several
 CAPTION_EXT = "txt"
 META_EXT = "json"
@@ -34,10 +36,6 @@ INDEX_FORMAT = "clipbd.shard_index/1"
 
 # webdataset's split of a member name into (key, extension): key keeps any directory prefix.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
-
-
-class DataError(Exception):
-    """A dataset problem, told in one line naming the file/member and the fix."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,37 +30,22 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from clipbd import dist, scoring
+from clipbd import dist, rundir, scoring
 from clipbd.attacks.plan import PoisonLookup
 from clipbd.data.loader import ShardDataset, make_loader
 from clipbd.data.shards import build_index, expand_shards
 from clipbd.data.sources import load_index, test_shards
 from clipbd.detectors.reference import draw_bank
 from clipbd.models import factory
-from clipbd.registry import ConfigError, build
+from clipbd.errors import ConfigError
+from clipbd.registry import build_attack, build_detectors
+from clipbd.rundir import bank_path, group_paths
 from clipbd.runstate import stage_key
-from clipbd.stages.poison import build_attack
 from clipbd.utils import atomic_path, progress, rng
 
 DEPENDS = ("model.name", "model.checkpoint", "extract.shards_per_group", "scoring", "detector", "seed")
 UPSTREAM = ("data", "poison", "pretrain")
 log = logging.getLogger("clipbd")
-
-
-def build_detectors(cfg: DictConfig) -> dict[str, object]:
-    if not cfg.detector:
-        raise ConfigError("detector: no detector selected (e.g. detector=[dao,slof,kdist,lid])")
-    return {name: build(node, f"detector.{name}") for name, node in cfg.detector.items()}
-
-
-def group_paths(cfg: DictConfig, num_shards: int) -> list[tuple[Path, list[int]]]:
-    """[(h5 path, shard ids)] for every extraction group of the run."""
-    per = cfg.extract.shards_per_group
-    if per < 1:
-        raise ConfigError(f"extract.shards_per_group={per}: must be ≥ 1")
-    out_dir = Path(cfg.run_dir) / "shards"
-    return [(out_dir / f"extract-{g:05d}.h5", list(range(s, min(s + per, num_shards))))
-            for g, s in enumerate(range(0, num_shards, per))]
 
 
 def task_groups(cfg: DictConfig, n_groups: int) -> list[int]:
@@ -127,10 +112,6 @@ def group_scores(cfg: DictConfig, emb: dict, detectors: dict) -> tuple[dict[str,
     return scores, batch_id
 
 
-def bank_path(cfg: DictConfig) -> Path:
-    return Path(cfg.run_dir) / "shards" / "bank.h5"
-
-
 def extract_bank(cfg: DictConfig, key: str, device: str) -> None:
     """scoring.reference=bank from held-out shards: embed them (clean, no trigger) once into
     shards/bank.h5, keeping `scoring.bank_size` rows drawn with the seed."""
@@ -186,7 +167,7 @@ def main(cfg: DictConfig) -> dict[str, Path]:
              len(mine) - len(todo))
     if todo:
         bundle = factory.create_trained(cfg, device=info.device)
-        lookup = PoisonLookup.load(Path(cfg.run_dir) / "poison_plan.json")
+        lookup = PoisonLookup.load(rundir.poison_plan(cfg))
         attack = build_attack(cfg)
         for path, ids in todo:
             ds = ShardDataset(index, ids, bundle.to_tensor(), lookup, attack)
