@@ -1,6 +1,6 @@
 """Structured-config schemas: the plumbing of a run has a typed shape, so a misspelt key fails at
 composition with a message naming it. Values live in YAML under `conf/`; these dataclasses only fix
-the keys and types. Plug-in nodes (`attack`, `detector.*`, prompt sources) are `_target_` dicts
+the keys and types. Plug-in nodes (`attack`, `detector.*`, `scoring`, prompt sources) are `_target_` dicts
 whose keys are checked against their callable's signature when they are built (`clipbd.registry`).
 """
 
@@ -86,12 +86,14 @@ class ExtractConfig:
 
 @dataclass
 class ScoringConfig:
-    """What neighbourhood detectors and the isolation forest score against (docs/detectors.md)."""
+    """What neighbourhood detectors and the isolation forest score against (docs/detectors.md).
+    The mode is the `scoring` config group (conf/scoring/{batch,bank,global}.yaml): its `_target_`
+    (clipbd.scoring.InBatch | Bank | Global) says where the scoring runs and how. Every mode's
+    settings live here, so an experiment's `scoring.batch_size` composes with `scoring=bank`; each
+    mode is built from the settings its signature names (clipbd.scoring.build_scoring)."""
 
-    # batch: each sample against the rest of its scoring batch (the paper); bank: against a fixed
-    # reference sample; global: against every training sample (faiss). bank/global are scored by reduce.
-    reference: str = "batch"
-    batch_size: int = 1024  # in-batch scoring batch (the paper's global batch)
+    _target_: str = "clipbd.scoring.InBatch"
+    batch_size: int = 1024  # batch: the scoring batch (the paper's global batch)
     # image | text | image+text (query: image rows; reference: image and caption rows, as the paper)
     features: str = "image"
     bank_size: int = 4096  # bank: reference rows drawn with the seed from bank_source (all if fewer)

@@ -60,14 +60,15 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     unknown = [s for s in cfg.stages if s not in STAGE_ORDER]
     if unknown:
         raise ConfigError(f"stages: unknown stage(s) {unknown}; valid: {list(STAGE_ORDER)}")
+    from clipbd import runstate  # imported late: stage modules import torch/open_clip
+
+    runstate.check_stages(cfg)  # every check whose inputs the config alone holds, before any work
     if dist.is_main():
         with atomic_path(run_dir / "config.yaml") as tmp:  # concurrent jobs (array tasks) share the dir
             OmegaConf.save(cfg, tmp, resolve=True)
         write_json(run_dir / "meta.json", {"git": git_revision(), "argv": sys.argv, "overrides": overrides,
                                            "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "world": info.world})
     log.info("run dir %s (device %s, world %d)", run_dir, info.device, info.world)
-    from clipbd import runstate  # imported late: stage modules import torch/open_clip
-
     with tracking.start(cfg):
         timings = {}
         for name in STAGE_ORDER:

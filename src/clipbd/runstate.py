@@ -80,6 +80,16 @@ def stage_seconds(run_dir: str | Path, name: str) -> float | None:
     return None if marker is None else marker.get("seconds")
 
 
+def check_stages(cfg: DictConfig) -> None:
+    """Run the `check(cfg)` of every selected stage that has one, before the first stage starts:
+    a value that cannot work fails in seconds, not after pretraining."""
+    for name in STAGE_ORDER:
+        if name in cfg.stages:
+            check = getattr(stage_module(name), "check", None)
+            if check is not None:
+                check(cfg)
+
+
 def run_stage(cfg: DictConfig, name: str) -> dict[str, Path]:
     mod = stage_module(name)
     if name not in cfg.force and is_complete(cfg, name):

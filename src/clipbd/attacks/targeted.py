@@ -24,11 +24,9 @@ class TargetedPoisoning(Attack):
     name = "targeted"
 
     def __init__(self, poison_rate: float = 0.01, target_class: str = "banana",
-                 target_captions: Sequence[str] | None = None, test_index: int | None = None,
-                 patch_size: int | None = None, grid: int | None = None):
+                 target_captions: Sequence[str] | None = None, test_index: int | None = None):
         """poison_rate: share of the training set replaced by copies; test_index: which held-out
-        image (None: random, not of the target class).
-        patch_size, grid: unused (accepted so the embedded default's BadNets keys compose with any attack)."""
+        image (None: random, not of the target class)."""
         super().__init__(poison_rate, target_class, target_captions)
         self.test_index = None if test_index is None else int(test_index)
         self._image: torch.Tensor | None = None

@@ -8,9 +8,9 @@ the group's samples are cut into scoring batches of about `scoring.batch_size` i
 random order, since poisons are placed at random indices), and each sample is scored against the
 other samples of its batch. Other detectors (clipbd.scoring): Cognitive Distillation runs on each
 image during the embedding pass, CLIPScore on each image-caption pair, ABL reads the pretrain stage's
-per-sample losses. With `scoring.reference=bank|global` the neighbourhood detectors and the isolation
-forest are scored by `reduce` instead, once every group exists; a held-out bank
-(`scoring.bank_source=test|<shards>`) is embedded here into `shards/bank.h5` by the task that has group 0.
+per-sample losses. With `scoring=bank|global` the neighbourhood detectors and the isolation forest
+are scored by `reduce` instead, once every group exists; a held-out bank
+(`scoring=bank scoring.bank_source=test|<shards>`) is embedded here into `shards/bank.h5` by the task that has group 0.
 
 Scale-out: the groups are independent, so extraction is a job array. `extract.num_tasks=N
 extract.task=i` does the groups g with g % N == i (`extract.groups=[..]` names groups explicitly), and
@@ -95,29 +95,30 @@ def embed(bundle, loader, device: str, desc: str, score_images=None) -> dict[str
     return out
 
 
-def group_scores(cfg: DictConfig, emb: dict, detectors: dict) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def group_scores(cfg: DictConfig, emb: dict, detectors: dict, scorer) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The scores extract writes for one group: image detectors (already in `emb`), pair and training
-    detectors, and the reference-set detectors when scoring.reference=batch; each sample's batch id."""
+    detectors, and the reference-set detectors when the scoring runs here (scoring=batch); each
+    sample's batch id."""
     n = len(emb["index"])
     scores = {k.split("/", 1)[1]: emb.pop(k) for k in list(emb) if k.startswith("scores/")}
-    in_batch = cfg.scoring.reference == "batch"
+    in_batch = scorer.where == "extract"
     if n == 0:
         names = [m for m, d in detectors.items() if in_batch or d.needs not in scoring.ON_REFERENCE]
         return {m: np.empty(0) for m in names}, np.empty(0, dtype=np.int32)
     scores |= scoring.pair_scores(emb, detectors) | scoring.training_scores(emb, detectors, cfg.run_dir)
     batch_id = np.zeros(n, dtype=np.int32)
     if in_batch:
-        ref_scores, batch_id = scoring.score_in_batch(emb, detectors, cfg.scoring, cfg.seed)
+        ref_scores, batch_id = scorer.score_group(emb, detectors, cfg.seed)
         scores |= ref_scores
     return scores, batch_id
 
 
-def extract_bank(cfg: DictConfig, key: str, device: str) -> None:
-    """scoring.reference=bank from held-out shards: embed them (clean, no trigger) once into
-    shards/bank.h5, keeping `scoring.bank_size` rows drawn with the seed."""
-    sc = cfg.scoring
+def extract_bank(cfg: DictConfig, scorer, key: str, device: str) -> None:
+    """scoring=bank from held-out shards: embed them (clean, no trigger) once into shards/bank.h5,
+    keeping `scoring.bank_size` rows drawn with the seed."""
+    sc = scorer
     path = bank_path(cfg)
-    if sc.reference != "bank" or sc.bank_source == "train" or is_group_done(path, key):
+    if not sc.heldout or is_group_done(path, key):
         return
     shards = test_shards(cfg) if sc.bank_source == "test" else expand_shards(sc.bank_source)
     if not shards:
@@ -154,11 +155,18 @@ def write_group(path: Path, key: str, emb: dict, scores: dict, batch_id: np.ndar
             f[f"scores/{name}"] = s
 
 
+def check(cfg: DictConfig) -> None:
+    """Before any stage runs: the detectors and the scoring they need (k against the scoring batch
+    or bank size) — both known from the config alone."""
+    scoring.build_scoring(cfg).check(build_detectors(cfg))
+
+
 def main(cfg: DictConfig) -> dict[str, Path]:
     info = dist.info()
     key = stage_key(cfg, "extract")
     detectors = build_detectors(cfg)
-    scoring.check(cfg.scoring, detectors)
+    scorer = scoring.build_scoring(cfg)
+    scorer.check(detectors)
     index = load_index(cfg)
     groups = group_paths(cfg, len(index.shards))
     mine = task_groups(cfg, len(groups))[info.rank::info.world]
@@ -174,10 +182,10 @@ def main(cfg: DictConfig) -> dict[str, Path]:
             score_images = scoring.image_scorer(bundle, detectors, cfg.seed, path.stem, info.device)
             emb = embed(bundle, make_loader(ds, cfg.extract.batch_size, cfg.extract.workers), info.device,
                         path.name, score_images)
-            scores, batch_id = group_scores(cfg, emb, detectors)
+            scores, batch_id = group_scores(cfg, emb, detectors, scorer)
             write_group(path, key, emb, scores, batch_id, [index.shards[i] for i in ids])
             log.info("wrote %s (%d samples)", path.name, len(emb["index"]))
-    if 0 in mine:  # one task/rank also embeds a held-out bank (scoring.reference=bank)
-        extract_bank(cfg, key, info.device)
+    if 0 in mine:  # one task/rank also embeds a held-out bank (scoring=bank)
+        extract_bank(cfg, scorer, key, info.device)
     dist.barrier()
     return {p.name: p for p, _ in groups}

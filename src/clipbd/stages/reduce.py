@@ -124,26 +124,28 @@ def load_embeddings(paths: list[Path], order: np.ndarray) -> dict[str, np.ndarra
 
 
 def reference_set_scores(cfg: DictConfig, data: dict) -> dict[str, np.ndarray]:
-    """With scoring.reference=bank|global: the neighbourhood detectors and the isolation forest,
-    scored here on every sample's embeddings (clipbd.scoring); {"scores/<name>": float64 [N]}."""
-    sc = cfg.scoring
+    """With scoring=bank|global: the neighbourhood detectors and the isolation forest, scored here
+    on every sample's embeddings (clipbd.scoring); {"scores/<name>": float64 [N]}."""
+    scorer = scoring.build_scoring(cfg)
     detectors = scoring.by_need(build_detectors(cfg), *scoring.ON_REFERENCE)
-    if sc.reference == "batch" or not detectors:
+    if scorer.where != "reduce" or not detectors:
         return {}
     index = load_index(cfg)
     emb = load_embeddings([p for p, _ in group_paths(cfg, len(index.shards))], data["index"])
-    if sc.reference == "global":
-        scores = scoring.score_global(emb, detectors, sc, cfg.seed)
-    else:
-        bank = None
-        if sc.bank_source != "train":
-            path = bank_path(cfg)
-            if not path.exists():
-                raise FileNotFoundError(f"{path} is missing: re-run extract (it embeds the held-out bank)")
-            with h5py.File(path, "r") as f:
-                bank = {n: f[n][()] for n in ("image_emb", "text_emb")}
-        scores = scoring.score_bank(emb, bank, detectors, sc, cfg.seed)
+    bank = None
+    if scorer.heldout:
+        path = bank_path(cfg)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: re-run extract (it embeds the held-out bank)")
+        with h5py.File(path, "r") as f:
+            bank = {n: f[n][()] for n in ("image_emb", "text_emb")}
+    scores = scorer.score_all(emb, detectors, cfg.seed, bank)
     return {f"scores/{n}": s for n, s in scores.items()}
+
+
+def check(cfg: DictConfig) -> None:
+    """Before any stage runs: the detectors and their scoring (k against the bank size)."""
+    scoring.build_scoring(cfg).check(build_detectors(cfg))
 
 
 def main(cfg: DictConfig) -> dict[str, Path]:
