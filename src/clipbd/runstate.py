@@ -22,6 +22,11 @@ from clipbd.utils import git_revision, read_json, stable_hash, write_json
 
 log = logging.getLogger("clipbd")
 
+# Config every stage may read without it entering a key: where the run lives, which stages run,
+# logging and progress, the device (a run resumed on another machine keeps its outputs), the
+# experiment's name (run-dir prefix, W&B group). tests/test_stage_keys.py checks the rest.
+PLUMBING = ("run_dir", "stages", "force", "device", "logging", "name")
+
 
 def stage_module(name: str) -> Any:
     if name not in STAGE_ORDER:

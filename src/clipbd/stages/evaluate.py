@@ -28,7 +28,9 @@ from clipbd.models.evaluation import evaluate_model
 from clipbd.registry import build_attack
 from clipbd.rundir import update_metrics
 
-DEPENDS = ("eval", "attack", "dataset.test_shards", "dataset.classes", "dataset.prompts", "seed")
+# model.*: the weights evaluated when the run did not pretrain (a given checkpoint, e.g. a scan)
+DEPENDS = ("eval", "attack", "model.name", "model.arch", "model.checkpoint", "dataset.test_shards",
+           "dataset.classes", "dataset.prompts", "dataset.label_key", "seed")
 UPSTREAM = ("data", "pretrain")
 log = logging.getLogger("clipbd")
 

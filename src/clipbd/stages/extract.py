@@ -43,7 +43,10 @@ from clipbd.rundir import bank_path, group_paths
 from clipbd.runstate import stage_key
 from clipbd.utils import atomic_path, progress, rng
 
-DEPENDS = ("model.name", "model.checkpoint", "extract.shards_per_group", "scoring", "detector", "seed")
+DEPENDS = ("model.name", "model.arch", "model.checkpoint", "extract.shards_per_group", "extract.batch_size", "scoring",
+           "detector", "seed")
+# the job-array split and loader workers: any split, any worker count gives the same files
+UNKEYED = ("extract.task", "extract.num_tasks", "extract.groups", "extract.workers")
 UPSTREAM = ("data", "poison", "pretrain")
 log = logging.getLogger("clipbd")
 
