@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import spearmanr
+from sklearn.metrics import roc_auc_score
 from conftest import compose_cfg, run_cli
 from test_knn import ALL, assert_close, brute_textbook
 
@@ -255,6 +256,8 @@ def test_new_detectors_scored_and_reported(smoke_run, tmp_path, reference):
         for d in names:
             assert 0.0 <= metrics[f"detect/{d}/auroc"] <= 1.0, d
             assert f[d].shape == (400,) and np.isfinite(f[d][()]).all(), d
+            # the reported AUROC is the one of the stored scores against the plan's labels
+            assert metrics[f"detect/{d}/auroc"] == pytest.approx(roc_auc_score(f["is_poison"][()], f[d][()]), abs=1e-12), d
         if reference != "batch":  # the in-batch scores of the same embeddings differ
             with h5py.File(smoke_run[0] / "scores.h5", "r") as g:
                 assert not np.allclose(f["dao"][()], g["dao"][()])

@@ -87,12 +87,13 @@ class ExtractConfig:
 @dataclass
 class ScoringConfig:
     """What neighbourhood detectors and the isolation forest score against (docs/detectors.md).
-    The mode is the `scoring` config group (conf/scoring/{batch,bank,global}.yaml): its `_target_`
-    (clipbd.scoring.InBatch | Bank | Global) says where the scoring runs and how. Every mode's
-    settings live here, so an experiment's `scoring.batch_size` composes with `scoring=bank`; each
-    mode is built from the settings its signature names (clipbd.scoring.build_scoring)."""
+    The mode is the `scoring` config group (conf/scoring/{batch,bank,global}.yaml), which sets
+    `scoring.reference` to a `_target_` node (clipbd.scoring.InBatch | Bank | Global) saying where
+    the scoring runs and how. Every mode's settings live here, so an experiment's
+    `scoring.batch_size` composes with `scoring=bank`; the mode is built with the settings its
+    signature names (clipbd.scoring.build_scoring)."""
 
-    _target_: str = "clipbd.scoring.InBatch"
+    reference: Any = field(default_factory=lambda: {"_target_": "clipbd.scoring.InBatch"})
     batch_size: int = 1024  # batch: the scoring batch (the paper's global batch)
     # image | text | image+text (query: image rows; reference: image and caption rows, as the paper)
     features: str = "image"

@@ -39,7 +39,7 @@ from clipbd.detectors.reference import (
     global_scores,
     resolve_index,
 )
-from clipbd.registry import ConfigError, build
+from clipbd.registry import ConfigError, build, check_node
 from clipbd.utils import derive_seed, rng
 
 ON_REFERENCE = ("neighbourhood", "reference")  # scored against the reference set
@@ -51,17 +51,16 @@ def by_need(detectors: dict, *needs: str) -> dict:
 
 
 def build_scoring(cfg: DictConfig) -> "Scoring":
-    """The scoring mode chosen by the `scoring` group (conf/scoring/{batch,bank,global}.yaml),
-    built from the `scoring.*` settings its signature names (the node holds every mode's settings,
-    clipbd.config.ScoringConfig)."""
-    node = OmegaConf.to_container(cfg.scoring, resolve=True)
-    try:
-        params = inspect.signature(get_object(node["_target_"])).parameters
-    except Exception as e:  # noqa: BLE001 - hydra raises several types here
-        raise ConfigError(f"scoring._target_={node['_target_']}: cannot import it ({e})") from None
+    """The scoring mode `scoring.reference` (a `_target_` node set by the `scoring` group,
+    conf/scoring/{batch,bank,global}.yaml), given the `scoring.*` settings its signature names
+    (the section holds every mode's settings, clipbd.config.ScoringConfig)."""
+    node = OmegaConf.to_container(cfg.scoring.reference, resolve=True)
+    check_node(node, "scoring.reference")
+    params = inspect.signature(get_object(node["_target_"])).parameters
+    settings = {k: v for k, v in OmegaConf.to_container(cfg.scoring, resolve=True).items() if k != "reference"}
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        node = {k: v for k, v in node.items() if k == "_target_" or k in params}
-    return build(node, "scoring")
+        settings = {k: v for k, v in settings.items() if k in params}
+    return build({**settings, **node}, "scoring.reference")
 
 
 def detector_seed(seed: int, name: str) -> int:

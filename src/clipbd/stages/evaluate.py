@@ -1,18 +1,7 @@
-"""Stage `evaluate`: zero-shot clean accuracy on the held-out split, and the attack's success rate
-(clipbd.models.evaluation), into metrics.json.
-
-Class embeddings average a prompt ensemble written the way the training captions are
-(`dataset.prompts`; for real data the 80 OpenAI ImageNet templates).
-
-Attack metrics (each test trigger is the attack's `apply_test`, documented per attack in
-docs/attacks.md, e.g. the BadNets patch at its fixed test position):
-  attack/asr              held-out images whose true class is not the target, triggered, classified
-                          as the target;
-  attack/asr_incl_target  the same over all held-out images;
-  attack/bd_acc           triggered non-target images still classified as their true class.
-A multi-trigger attack reports each member as attack/<trigger>/{asr,asr_incl_target,bd_acc} and
-their mean as attack/asr, attack/asr_incl_target, attack/bd_acc.
-"""
+"""Stage `evaluate`: zero-shot clean accuracy on the held-out split and the attack's success rate
+(eval/clean_acc, attack/asr, attack/asr_incl_target, attack/bd_acc; per trigger for a multi-trigger
+attack) into metrics.json. The evaluation itself, and what each metric means, is
+clipbd.models.evaluation."""
 
 from __future__ import annotations
 
