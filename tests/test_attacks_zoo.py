@@ -24,6 +24,8 @@ from clipbd.utils import rng
 
 POOL = [f"a banana number {i}" for i in range(20)]
 ATTACKS = sorted(p.stem for p in (CONF / "attack").glob("*.yaml") if p.stem != "none")
+# configs that only re-set another attack's parameters (badnets_32px: the default's 8 px BadNets)
+VARIANTS = {p.stem for p in (CONF / "attack").glob("*.yaml") if "defaults:" in p.read_text()}
 # Uniform classes: the default world makes the target rare (~1%), too few bananas in the smoke data
 # for the clean-label attack, which can only poison images whose captions already name it.
 SMOKE = ["+experiment=smoke", "dataset.synthetic.world.class_weights=null"]
@@ -269,7 +271,8 @@ def test_sweep_rows_cover_every_attack_and_compose(tmp_path):
 
     from clipbd.registry import check_node
 
-    assert set(SWEEP) == set(ATTACKS) | {"none", "none_uniform"}  # clean references of both worlds
+    assert VARIANTS == {"badnets_32px"}
+    assert set(SWEEP) == set(ATTACKS) - VARIANTS | {"none", "none_uniform"}  # clean references of both worlds
     readme = (ROOT / "experiments" / "attacks" / "README.md").read_text()
     for name in SWEEP:
         assert f"attacks/{name}" in readme  # the documented command runs every row
