@@ -18,6 +18,7 @@ import torch
 
 from clipbd.attacks import triggers
 from clipbd.attacks.base import Attack, need_state
+from clipbd.utils import atomic_path
 
 
 class TargetedPoisoning(Attack):
@@ -62,9 +63,8 @@ def save_png(img: torch.Tensor, path: Path) -> None:
     from PIL import Image
 
     arr = (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(arr, "RGB").save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr, "RGB").save(tmp, format="PNG")
 
 
 def load_png(path: Path) -> torch.Tensor:
