@@ -42,3 +42,20 @@ def smoke_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     run_dir = tmp_path_factory.mktemp("smoke") / "run"
     proc = run_cli("+experiment=smoke", f"hydra.run.dir={run_dir}")
     return run_dir, proc
+
+
+@pytest.fixture(scope="session")
+def _tiny_base() -> DictConfig:
+    """The smoke experiment, composed once per session, forced to CPU and one process."""
+    cfg = compose_cfg(["+experiment=smoke", "device=cpu", "logging.wandb.mode=disabled", "logging.progress=never"])
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+@pytest.fixture
+def tiny_cfg(_tiny_base, tmp_path) -> DictConfig:
+    """A fresh, writable copy of the composed tiny config with its run directory in tmp_path."""
+    cfg = OmegaConf.create(OmegaConf.to_container(_tiny_base))
+    OmegaConf.set_struct(cfg, True)
+    OmegaConf.update(cfg, "run_dir", str(tmp_path / "run"))
+    return cfg

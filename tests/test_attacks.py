@@ -80,7 +80,7 @@ def test_lookup_and_labels():
 
 
 def test_config_attack_builds(tmp_path):
-    from clipbd.stages.poison import build_attack
+    from clipbd.registry import build_attack
 
     assert isinstance(build_attack(compose_cfg([], run_dir=tmp_path)), BadNets)
     assert build_attack(compose_cfg(["attack=none"], run_dir=tmp_path)) is None

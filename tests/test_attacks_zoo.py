@@ -24,6 +24,8 @@ from clipbd.utils import rng
 
 POOL = [f"a banana number {i}" for i in range(20)]
 ATTACKS = sorted(p.stem for p in (CONF / "attack").glob("*.yaml") if p.stem != "none")
+# configs that only re-set another attack's parameters (badnets_32px: the default's 8 px BadNets)
+VARIANTS = {p.stem for p in (CONF / "attack").glob("*.yaml") if "defaults:" in p.read_text()}
 # Uniform classes: the default world makes the target rare (~1%), too few bananas in the smoke data
 # for the clean-label attack, which can only poison images whose captions already name it.
 SMOKE = ["+experiment=smoke", "dataset.synthetic.world.class_weights=null"]
@@ -135,7 +137,7 @@ def test_multi_splits_poisons_over_triggers_and_reports_per_trigger():
     names = plan["trigger_name"]
     assert sorted(set(names)) == ["b", "s"] and abs(names.count("b") - names.count("s")) <= 1
     assert set(attack.test_triggers()) == {"b", "s"}
-    from clipbd.stages.evaluate import attack_metrics
+    from clipbd.models.evaluation import attack_metrics
 
     labels = np.array([0, 1, 2, 2, 1])
     m = attack_metrics({"b": np.array([2, 2, 2, 2, 1]), "s": np.array([0, 1, 2, 2, 2])}, labels,
@@ -185,7 +187,7 @@ def _poison(name, run_dir, extra=()):
 def test_every_attack_config_runs_the_poison_stage(name, smoke_data, tmp_path):
     from clipbd.data.loader import ShardDataset
     from clipbd.data.sources import load_index
-    from clipbd.stages.poison import build_attack
+    from clipbd.registry import build_attack
 
     cfg, plan = _poison(name, _run_dir(smoke_data, tmp_path))
     assert plan["attack"] == build_attack(cfg, bind=False).name and plan["poison_count"] == 8
@@ -219,7 +221,7 @@ def test_clean_label_leaves_every_caption_unchanged(smoke_data, tmp_path):
     from clipbd.data.loader import ShardDataset
     from clipbd.data.shards import iter_shard
     from clipbd.data.sources import load_index
-    from clipbd.stages.poison import build_attack
+    from clipbd.registry import build_attack
 
     cfg, plan = _poison("badnets_clean_label", _run_dir(smoke_data, tmp_path), ["attack.poison_rate=0.05"])
     index = load_index(cfg)
@@ -269,7 +271,8 @@ def test_sweep_rows_cover_every_attack_and_compose(tmp_path):
 
     from clipbd.registry import check_node
 
-    assert set(SWEEP) == set(ATTACKS) | {"none", "none_uniform"}  # clean references of both worlds
+    assert VARIANTS == {"badnets_32px"}
+    assert set(SWEEP) == set(ATTACKS) - VARIANTS | {"none", "none_uniform"}  # clean references of both worlds
     readme = (ROOT / "experiments" / "attacks" / "README.md").read_text()
     for name in SWEEP:
         assert f"attacks/{name}" in readme  # the documented command runs every row

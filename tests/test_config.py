@@ -59,27 +59,41 @@ def _one_error_line(proc) -> str:
     return lines[0]
 
 
-def test_misspelt_key_fails_in_one_line(tmp_path):
-    proc = run_cli("train.epochz=3", f"hydra.run.dir={tmp_path}/r", check=False)
-    line = _one_error_line(proc)
+def _cli_error(monkeypatch, capsys, *args: str) -> str:
+    """`python -m clipbd.run ARGS` in this process, for errors raised before Hydra starts a run
+    (composition): the one stderr line, checked to be the only one, and exit status 2."""
+    from clipbd.run import cli
+
+    monkeypatch.setattr("sys.argv", ["clipbd.run", *args])
+    with pytest.raises(SystemExit) as exit_:
+        cli()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("clipbd: error: "), err
+    return lines[0]
+
+
+def test_misspelt_key_fails_in_one_line(tmp_path, monkeypatch, capsys):
+    line = _cli_error(monkeypatch, capsys, "train.epochz=3", f"hydra.run.dir={tmp_path}/r")
     assert "train.epochz" in line and "did you mean 'train.epochs'" in line
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in line
 
 
 def test_misspelt_key_in_experiment_file_fails_in_one_line(tmp_path):
-    bad = CONF / "experiment" / "_pytest_bad.yaml"
-    bad.write_text("# @package _global_\nscoring:\n  batch_sise: 3\n")
-    try:
-        proc = run_cli("+experiment=_pytest_bad", f"hydra.run.dir={tmp_path}/r", check=False)
-    finally:
-        bad.unlink()
-    line = _one_error_line(proc)
+    """An experiment file outside conf/ (on Hydra's search path), so no test writes into conf/."""
+    from clipbd.cli import one_line_composition_error
+
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "_pytest_bad.yaml").write_text("# @package _global_\nscoring:\n  batch_sise: 3\n")
+    with pytest.raises(Exception) as err:
+        compose_cfg(["+experiment=_pytest_bad", f"hydra.searchpath=[file://{tmp_path}]"])
+    line = one_line_composition_error(err.value)
     assert "batch_sise" in line and "scoring.batch_size" in line
 
 
-def test_unknown_experiment_lists_options(tmp_path):
-    proc = run_cli("+experiment=nope", f"hydra.run.dir={tmp_path}/r", check=False)
-    line = _one_error_line(proc)
+def test_unknown_experiment_lists_options(tmp_path, monkeypatch, capsys):
+    line = _cli_error(monkeypatch, capsys, "+experiment=nope", f"hydra.run.dir={tmp_path}/r")
     assert "experiment/nope" in line and "smoke" in line
 
 

@@ -371,9 +371,15 @@ def test_world_from_dict():
         synthetic.WorldConfig(classes=("circle", "moon"))
 
 
-def test_sample_dataclass_fields():
+def test_sample_fields_hold_what_was_written(tmp_path):
+    """Each field of a read Sample is the member it names: key, position in the shard, the image's
+    bytes and extension, the caption, the parsed json."""
     s = Sample(key="k", pos=0, image=b"", ext="jpg", caption="c", meta={})
     assert [f for f in s.__dataclass_fields__] == ["key", "pos", "image", "ext", "caption", "meta"]
+    written = _samples(3, seed=4)
+    read = list(iter_shard(_write(tmp_path / "s.tar", written)))
+    assert [(r.key, r.pos, r.image, r.ext, r.caption, r.meta) for r in read] == \
+        [(key, i, img, ext, cap, meta) for i, (key, img, ext, cap, meta) in enumerate(written)]
 
 
 def test_world_class_weights_and_rotation():

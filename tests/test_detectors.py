@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import spearmanr
+from sklearn.metrics import roc_auc_score
 from conftest import compose_cfg, run_cli
 from test_knn import ALL, assert_close, brute_textbook
 
@@ -125,14 +126,37 @@ def test_global_rejects_non_finite_and_too_large_k():
 
 
 def test_faithful_with_bank_or_global_is_a_config_error(tmp_path):
-    cfg = compose_cfg(["scoring.reference=global", "detector.dao.convention=faithful"], run_dir=tmp_path)
-    from clipbd.stages.extract import build_detectors
+    from clipbd.cli import normalize_overrides, one_line_composition_error
+    from clipbd.registry import build_detectors
 
-    with pytest.raises(ConfigError, match="detector.dao.convention=faithful .* scoring.reference=global"):
-        scoring.check(cfg.scoring, build_detectors(cfg))
-    cfg = compose_cfg(["scoring.reference=everything"], run_dir=tmp_path)
-    with pytest.raises(ConfigError, match="scoring.reference=everything: must be one of batch, bank, global"):
-        scoring.check(cfg.scoring, build_detectors(cfg))
+    cfg = compose_cfg(["scoring=global", "detector.dao.convention=faithful"], run_dir=tmp_path)
+    with pytest.raises(ConfigError, match="detector.dao.convention=faithful .* scoring=global"):
+        scoring.build_scoring(cfg).check(build_detectors(cfg))
+    with pytest.raises(Exception) as err:  # an unknown mode fails at composition, naming the choices
+        compose_cfg(["scoring=everything"], run_dir=tmp_path)
+    line = one_line_composition_error(err.value)
+    assert "scoring/everything" in line and all(m in line for m in ("batch", "bank", "global")), line
+    # the key before `scoring` became a group still selects the mode on the command line
+    assert normalize_overrides(["scoring.reference=bank", "scoring.bank_size=64"]) == ["scoring=bank", "scoring.bank_size=64"]
+
+
+@pytest.mark.parametrize("overrides,values", [
+    (["scoring.batch_size=10"], ("detector.dao.k=16", "scoring.batch_size=10")),
+    (["scoring=bank", "scoring.bank_size=12"], ("detector.dao.k=16", "scoring.bank_size=12")),
+    (["scoring.batch_size=16", "detector.dao.convention=faithful", "detector=[dao]"], ("detector.dao.k=16", "scoring.batch_size=16")),
+])
+def test_k_against_the_scoring_size_fails_before_any_stage(tmp_path, overrides, values):
+    """k vs the scoring batch/bank is known from the config alone: run() refuses before the data
+    stage writes anything, naming both values."""
+    from clipbd.run import run
+
+    cfg = compose_cfg(["+experiment=smoke", *overrides], run_dir=tmp_path / "run")
+    with pytest.raises(ConfigError) as err:
+        run(cfg)
+    assert all(v in str(err.value) for v in values), str(err.value)
+    assert not (tmp_path / "run" / "data").exists() and not (tmp_path / "run" / "stages").exists()
+    ok = compose_cfg(["+experiment=smoke", "scoring.batch_size=17"], run_dir=tmp_path / "ok")
+    scoring.build_scoring(ok).check(__import__("clipbd.registry").registry.build_detectors(ok))  # k=16 < 17
 
 
 # ----------------------------------------------------------------------------- other detectors
@@ -226,12 +250,14 @@ def test_new_detectors_scored_and_reported(smoke_run, tmp_path, reference):
     shutil.copytree(smoke_run[0], run_dir)
     names = ["dao", "slof", "kdist", "lid"] + NEW
     run_cli("+experiment=smoke", f"hydra.run.dir={run_dir}", "stages=[extract,reduce]", f"detector=[{','.join(names)}]",
-            "detector.cd.steps=3", "detector.abl.epochs=1", f"scoring.reference={reference}", "scoring.bank_size=120")
+            "detector.cd.steps=3", "detector.abl.epochs=1", f"scoring.reference={reference}", "scoring.bank_size=120")  # the old key, mapped by the CLI
     metrics = json.loads((run_dir / "metrics.json").read_text())
     with h5py.File(run_dir / "scores.h5", "r") as f:
         for d in names:
             assert 0.0 <= metrics[f"detect/{d}/auroc"] <= 1.0, d
             assert f[d].shape == (400,) and np.isfinite(f[d][()]).all(), d
+            # the reported AUROC is the one of the stored scores against the plan's labels
+            assert metrics[f"detect/{d}/auroc"] == pytest.approx(roc_auc_score(f["is_poison"][()], f[d][()]), abs=1e-12), d
         if reference != "batch":  # the in-batch scores of the same embeddings differ
             with h5py.File(smoke_run[0] / "scores.h5", "r") as g:
                 assert not np.allclose(f["dao"][()], g["dao"][()])

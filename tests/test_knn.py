@@ -196,13 +196,13 @@ def test_chunking_does_not_change_results():
 def test_symmetric_in_batch_product_equals_chunked_products(monkeypatch, convention):
     """In-batch scoring multiplies only the upper block triangle of X X^T; ragged blocks (130 rows in
     blocks of 17) and the float32 fallback rows give the same neighbours as the per-chunk products."""
-    import clipbd.detectors.knn as knn
+    import clipbd.detectors.exact as engine
 
     rng = np.random.default_rng(3)
     x = np.concatenate([rng.standard_normal((100, 20)), rng.standard_normal((30, 20)) * 1e-4 + 1e3])
-    monkeypatch.setattr(knn, "_SYM_BLOCK", 17)
+    monkeypatch.setattr(engine, "_SYM_BLOCK", 17)
     sym = knn_scores(x, k=9, methods=ALL, convention=convention)
-    monkeypatch.setattr(knn, "_SYM_BYTES", 0)  # too large: the chunked path
+    monkeypatch.setattr(engine, "_SYM_BYTES", 0)  # too large: the chunked path
     chunked = knn_scores(x, k=9, methods=ALL, convention=convention)
     assert_close(sym, chunked, rtol=1e-12)
     if convention == "textbook":

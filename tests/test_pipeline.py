@@ -12,6 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 from conftest import run_cli
 
 pytestmark = pytest.mark.slow
@@ -37,6 +38,14 @@ def test_metrics_have_exactly_the_documented_keys(smoke_run):
     assert set(metrics) == EXPECTED_KEYS
     for k, v in metrics.items():
         assert 0.0 <= v <= 1.0, (k, v)
+    # each AUROC is the one of the stored scores against the poison plan (not just any number in [0, 1])
+    plan = json.loads((smoke_run[0] / "poison_plan.json").read_text())
+    with h5py.File(smoke_run[0] / "scores.h5", "r") as f:
+        labels = np.isin(f["index"][()], plan["poison_indices"])
+        assert labels.sum() == plan["poison_count"] > 0
+        for d in DETECTORS:
+            want = roc_auc_score(labels, f[d][()])
+            assert metrics[f"detect/{d}/auroc"] == pytest.approx(want, abs=1e-12), d
 
 
 def test_scores_cover_every_sample_once_and_match_plan(smoke_run):

@@ -1,6 +1,6 @@
 """Structured-config schemas: the plumbing of a run has a typed shape, so a misspelt key fails at
 composition with a message naming it. Values live in YAML under `conf/`; these dataclasses only fix
-the keys and types. Plug-in nodes (`attack`, `detector.*`, prompt sources) are `_target_` dicts
+the keys and types. Plug-in nodes (`attack`, `detector.*`, `scoring`, prompt sources) are `_target_` dicts
 whose keys are checked against their callable's signature when they are built (`clipbd.registry`).
 """
 
@@ -11,7 +11,11 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-STAGE_ORDER = ("data", "poison", "pretrain", "extract", "reduce", "evaluate")
+# Every stage, in the order a run executes the selected ones. Adding a stage: a module
+# clipbd/stages/<name>.py with main(cfg), DEPENDS, UPSTREAM (and UNKEYED, check(cfg) if needed), and
+# its name here (docs/architecture.md, "Adding a stage").
+STAGE_ORDER = ("data", "poison", "pretrain", "extract", "reduce", "evaluate", "encoder_attack")
+PIPELINE = STAGE_ORDER[:6]  # what a run does when `stages` is not set: the detection pipeline
 
 
 @dataclass
@@ -103,12 +107,15 @@ class ExtractConfig:
 
 @dataclass
 class ScoringConfig:
-    """What neighbourhood detectors and the isolation forest score against (docs/detectors.md)."""
+    """What neighbourhood detectors and the isolation forest score against (docs/detectors.md).
+    The mode is the `scoring` config group (conf/scoring/{batch,bank,global}.yaml), which sets
+    `scoring.reference` to a `_target_` node (clipbd.scoring.InBatch | Bank | Global) saying where
+    the scoring runs and how. Every mode's settings live here, so an experiment's
+    `scoring.batch_size` composes with `scoring=bank`; the mode is built with the settings its
+    signature names (clipbd.scoring.build_scoring)."""
 
-    # batch: each sample against the rest of its scoring batch (the paper); bank: against a fixed
-    # reference sample; global: against every training sample (faiss). bank/global are scored by reduce.
-    reference: str = "batch"
-    batch_size: int = 1024  # in-batch scoring batch (the paper's global batch)
+    reference: Any = field(default_factory=lambda: {"_target_": "clipbd.scoring.InBatch"})
+    batch_size: int = 1024  # batch: the scoring batch (the paper's global batch)
     # image | text | image+text (query: image rows; reference: image and caption rows, as the paper)
     features: str = "image"
     bank_size: int = 4096  # bank: reference rows drawn with the seed from bank_source (all if fewer)
@@ -146,7 +153,7 @@ class LoggingConfig:
 class ClipbdConfig:
     name: str = "default"  # experiment name: run-dir prefix and W&B group
     seed: int = 0
-    stages: List[str] = field(default_factory=lambda: list(STAGE_ORDER))
+    stages: List[str] = field(default_factory=lambda: list(PIPELINE))
     force: List[str] = field(default_factory=list)  # stages to re-run even if complete
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     run_dir: str = "${hydra:runtime.output_dir}"
@@ -155,7 +162,7 @@ class ClipbdConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     attack: Optional[Dict[str, Any]] = None  # `_target_` node (conf/attack/); null: no poisoning
-    # `_target_` node (conf/encoder_attack/) for `python -m clipbd.attacks.encoder`; null elsewhere
+    # `_target_` node (conf/encoder_attack/) for the `encoder_attack` stage; null elsewhere
     encoder_attack: Optional[Dict[str, Any]] = None
     detector: Dict[str, Any] = field(default_factory=dict)  # name -> `_target_` node (conf/detector/)
     train: TrainConfig = field(default_factory=TrainConfig)

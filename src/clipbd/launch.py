@@ -34,10 +34,10 @@ def compose(overrides: list[str], *, hydra: bool = False) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from clipbd.run import CONF_DIR, _quote_brace_patterns
+    from clipbd.cli import CONF_DIR, normalize_overrides
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=_quote_brace_patterns(list(overrides)),
+        return hydra_compose(config_name="config", overrides=normalize_overrides(list(overrides)),
                              return_hydra_config=hydra)
 
 

@@ -13,9 +13,9 @@ from typing import Any
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from clipbd.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key, the value and the fix."""
+__all__ = ["ConfigError", "build", "check_node"]
 
 
 def check_node(node: DictConfig | dict, where: str) -> None:
@@ -42,3 +42,30 @@ def check_node(node: DictConfig | dict, where: str) -> None:
 def build(node: DictConfig | dict, where: str, **kwargs: Any) -> Any:
     check_node(node, where)
     return instantiate(node, **kwargs)
+
+
+def build_attack(cfg: DictConfig, bind: bool = True) -> Any:
+    """The configured attack object, or None (attack=none / attack=null: nothing is poisoned).
+    With `bind` and a poison plan in the run dir, the attack takes the plan's trigger state (a
+    WaNet field, an optimised patch, ...), so every stage applies the trigger the plan drew."""
+    from clipbd import rundir
+    from clipbd.utils import read_json
+
+    if not cfg.attack or cfg.attack.get("_target_") is None:
+        return None
+    attack = build(cfg.attack, "attack")
+    path = rundir.poison_plan(cfg)
+    if bind and hasattr(attack, "bind") and path.exists():
+        plan = read_json(path)
+        if plan.get("attack") != getattr(attack, "name", None):
+            raise ConfigError(f"{path} was planned for attack {plan.get('attack')}, the config says "
+                              f"{getattr(attack, 'name', None)}: re-run the poison stage (force=[poison])")
+        attack.bind(plan, cfg.run_dir)
+    return attack
+
+
+def build_detectors(cfg: DictConfig) -> dict[str, Any]:
+    """name -> detector object for every `detector.<name>` node (conf/detector/)."""
+    if not cfg.detector:
+        raise ConfigError("detector: no detector selected (e.g. detector=[dao,slof,kdist,lid])")
+    return {name: build(node, f"detector.{name}") for name, node in cfg.detector.items()}

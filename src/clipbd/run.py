@@ -1,29 +1,27 @@
 """`python -m clipbd.run [+experiment=NAME] [key=value ...]`: compose the config, then run the stages.
 
 With no arguments it runs the embedded default experiment (synthetic data, tiny CLIP, BadNets at
-1%, in-batch DAO/SLOF/k-distance/LID). `hydra.run.dir=DIR` picks the run directory; re-running the
+5% with an 8-px patch, in-batch DAO/SLOF/k-distance/LID). `hydra.run.dir=DIR` picks the run directory; re-running the
 same directory skips stages whose outputs are complete; `stages=[extract,reduce]` runs a subset.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 import sys
 import time
-from difflib import get_close_matches
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from clipbd import dist, tracking
+from clipbd.cli import CONF_DIR, check_command_line, die, normalize_overrides
 from clipbd.config import STAGE_ORDER, register_configs
-from clipbd.registry import ConfigError
+from clipbd.errors import ClipbdError, ConfigError
 from clipbd.utils import atomic_path, git_revision, set_progress_mode, write_json
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger("clipbd")
 register_configs()
 
@@ -62,14 +60,15 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     unknown = [s for s in cfg.stages if s not in STAGE_ORDER]
     if unknown:
         raise ConfigError(f"stages: unknown stage(s) {unknown}; valid: {list(STAGE_ORDER)}")
+    from clipbd import runstate  # imported late: stage modules import torch/open_clip
+
+    runstate.check_stages(cfg)  # every check whose inputs the config alone holds, before any work
     if dist.is_main():
         with atomic_path(run_dir / "config.yaml") as tmp:  # concurrent jobs (array tasks) share the dir
             OmegaConf.save(cfg, tmp, resolve=True)
         write_json(run_dir / "meta.json", {"git": git_revision(), "argv": sys.argv, "overrides": overrides,
                                            "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "world": info.world})
     log.info("run dir %s (device %s, world %d)", run_dir, info.device, info.world)
-    from clipbd import runstate  # imported late: stage modules import torch/open_clip
-
     with tracking.start(cfg):
         timings = {}
         for name in STAGE_ORDER:
@@ -111,80 +110,15 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         _sweep_defaults(cfg, hc)
         run(cfg, overrides=list(hc.overrides.task))
-    except (ConfigError, FileNotFoundError) as e:
-        _die(str(e))
-    except Exception as e:  # noqa: BLE001 - data and coverage errors carry their own one-line message
-        if type(e).__name__ in ("DataError", "CoverageError"):
-            _die(str(e))
-        raise
+    except (ClipbdError, FileNotFoundError) as e:  # the user's to fix: one line, exit 2
+        die(str(e))
     finally:
         dist.shutdown()
 
 
-def _die(msg: str, code: int = 2) -> None:
-    print(f"clipbd: error: {msg}", file=sys.stderr)
-    sys.exit(code)
-
-
-# ---------------------------------------------------------------- composition errors, in one line
-def _one_line_composition_error(e: BaseException) -> str:
-    """Hydra explains composition failures over several lines and chained exceptions; find the
-    bad key (or group option) and say it once, with the closest valid spelling."""
-    msgs = []
-    while e is not None:
-        msgs.append(str(e))
-        e = e.__cause__ or e.__context__
-    text = "\n".join(msgs)
-    full = re.search(r"full_key: (\S+)", text)
-    key = re.search(r"Key '([^']+)' (?:is )?not in", text)
-    if key:
-        name = full.group(1) if full else key.group(1)
-        return f"unknown config key '{name}'{_suggest(name)}"
-    missing = re.search(r"Could not find '([^']+)'", text)
-    if missing:
-        opts = re.search(r"Available options[^:]*:\s*((?:\n\t\S+)+)", text)
-        avail = ", ".join(opts.group(1).split()) if opts else ""
-        return f"no config '{missing.group(1)}'" + (f"; available: {avail}" if avail else "")
-    return " ".join(text.split("\n")[0:2]).strip()
-
-
-def _suggest(full_key: str) -> str:
-    from hydra import compose, initialize_config_dir
-
-    parent, _, leaf = full_key.rpartition(".")
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config")
-    node = OmegaConf.select(cfg, parent) if parent else cfg
-    keys = list(node.keys()) if isinstance(node, DictConfig) else []
-    close = get_close_matches(leaf, keys, n=1)
-    return f" (did you mean '{(parent + '.') if parent else ''}{close[0]}'?)" if close else ""
-
-
-def _precheck(overrides: list[str]) -> None:
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        compose(config_name="config", overrides=overrides)
-
-
-_BRACE_RANGE = re.compile(r"^([\w.+~/@-]+)=([^'\"\[].*\{[^{}]*\.\.[^{}]*\}.*)$")
-
-
-def _quote_brace_patterns(args: list[str]) -> list[str]:
-    """`dataset.shards=/data/cc3m/{00000..00331}.tar` is a shard pattern, but Hydra's override
-    grammar reads `{` as a dict: quote such values so they arrive as the string the user typed."""
-    return [f"{m.group(1)}='{m.group(2)}'" if (m := _BRACE_RANGE.match(a)) else a for a in args]
-
-
 def cli() -> None:
-    sys.argv[1:] = _quote_brace_patterns(sys.argv[1:])
-    args = sys.argv[1:]
-    hydra_flags = any(a.startswith("-") for a in args)  # --help, -m, --cfg, ...: Hydra handles them
-    if not hydra_flags:
-        try:
-            _precheck([a for a in args if not a.startswith("hydra.") and not a.startswith("hydra/")])
-        except Exception as e:  # noqa: BLE001 - any composition failure is the user's config
-            _die(_one_line_composition_error(e))
+    sys.argv[1:] = normalize_overrides(sys.argv[1:])
+    check_command_line(sys.argv[1:])
     _hydra_main()
 
 

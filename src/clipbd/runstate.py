@@ -22,6 +22,11 @@ from clipbd.utils import git_revision, read_json, stable_hash, write_json
 
 log = logging.getLogger("clipbd")
 
+# Config every stage may read without it entering a key: where the run lives, which stages run,
+# logging and progress, the device (a run resumed on another machine keeps its outputs), the
+# experiment's name (run-dir prefix, W&B group). tests/test_stage_keys.py checks the rest.
+PLUMBING = ("run_dir", "stages", "force", "device", "logging", "name")
+
 
 def stage_module(name: str) -> Any:
     if name not in STAGE_ORDER:
@@ -78,6 +83,16 @@ def stage_seconds(run_dir: str | Path, name: str) -> float | None:
     """What the stage's outputs cost (every attempt), from its marker; None if it never finished."""
     marker = read_marker(run_dir, name)
     return None if marker is None else marker.get("seconds")
+
+
+def check_stages(cfg: DictConfig) -> None:
+    """Run the `check(cfg)` of every selected stage that has one, before the first stage starts:
+    a value that cannot work fails in seconds, not after pretraining."""
+    for name in STAGE_ORDER:
+        if name in cfg.stages:
+            check = getattr(stage_module(name), "check", None)
+            if check is not None:
+                check(cfg)
 
 
 def run_stage(cfg: DictConfig, name: str) -> dict[str, Path]:

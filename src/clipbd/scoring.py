@@ -18,13 +18,15 @@ extraction groups stay independent (one job-array task each), and one reduce doe
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections import defaultdict
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from hydra.utils import get_object
+from omegaconf import DictConfig, OmegaConf
 
 from clipbd.detectors.knn import knn_scores
 from clipbd.detectors.reference import (
@@ -37,10 +39,9 @@ from clipbd.detectors.reference import (
     global_scores,
     resolve_index,
 )
-from clipbd.registry import ConfigError
+from clipbd.registry import ConfigError, build, check_node
 from clipbd.utils import derive_seed, rng
 
-REFERENCES = ("batch", "bank", "global")
 ON_REFERENCE = ("neighbourhood", "reference")  # scored against the reference set
 log = logging.getLogger("clipbd")
 
@@ -49,19 +50,21 @@ def by_need(detectors: dict, *needs: str) -> dict:
     return {n: d for n, d in detectors.items() if d.needs in needs}
 
 
-def check(sc: DictConfig, detectors: dict) -> None:
-    """Fail early, naming the key, for scoring settings the detectors cannot work with."""
-    if sc.reference not in REFERENCES:
-        raise ConfigError(f"scoring.reference={sc.reference}: must be one of {', '.join(REFERENCES)}")
-    if sc.features not in FEATURES:
-        raise ConfigError(f"scoring.features={sc.features}: must be one of {', '.join(FEATURES)}")
-    faithful = [n for n, d in by_need(detectors, "neighbourhood").items() if d.convention == "faithful"]
-    if faithful and sc.reference != "batch":
-        raise ConfigError(f"detector.{faithful[0]}.convention=faithful reproduces the published in-batch "
-                          f"arithmetic; with scoring.reference={sc.reference} use convention=textbook")
-    if sc.reference == "bank" and sc.bank_size < 2:
-        raise ConfigError(f"scoring.bank_size={sc.bank_size}: must be >= 2")
-    resolve_index_checked(sc.index, 1)
+def build_scoring(cfg: DictConfig) -> "Scoring":
+    """The scoring mode `scoring.reference` (a `_target_` node set by the `scoring` group,
+    conf/scoring/{batch,bank,global}.yaml), given the `scoring.*` settings its signature names
+    (the section holds every mode's settings, clipbd.config.ScoringConfig)."""
+    node = OmegaConf.to_container(cfg.scoring.reference, resolve=True)
+    check_node(node, "scoring.reference")
+    params = inspect.signature(get_object(node["_target_"])).parameters
+    settings = {k: v for k, v in OmegaConf.to_container(cfg.scoring, resolve=True).items() if k != "reference"}
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        settings = {k: v for k, v in settings.items() if k in params}
+    return build({**settings, **node}, "scoring.reference")
+
+
+def detector_seed(seed: int, name: str) -> int:
+    return derive_seed(seed, f"detector/{name}")
 
 
 def resolve_index_checked(index: str, rows: int) -> str:
@@ -71,16 +74,152 @@ def resolve_index_checked(index: str, rows: int) -> str:
         raise ConfigError(str(e)) from None
 
 
-def detector_seed(seed: int, name: str) -> int:
-    return derive_seed(seed, f"detector/{name}")
+# ----------------------------------------------------------------------------- reference sets
 
 
-# ----------------------------------------------------------------------------- against a reference set
+class Scoring:
+    """What the neighbourhood detectors and the isolation forest score each sample against.
+    `where`: the stage that scores them (extract per scoring batch, or reduce once every
+    extraction group exists). `features`: image | text | image+text (query: image rows; reference:
+    image and caption rows, as the paper)."""
+
+    name = ""
+    where = "reduce"
+    heldout = False  # whether extract embeds a held-out bank (shards/bank.h5)
+
+    def __init__(self, features: str = "image"):
+        if features not in FEATURES:
+            raise ConfigError(f"scoring.features={features}: must be one of {', '.join(FEATURES)}")
+        self.features = features
+
+    def check(self, detectors: dict) -> None:
+        """Fail before any model is loaded, naming the key, for settings the detectors cannot work with."""
+        faithful = [n for n, d in by_need(detectors, "neighbourhood").items() if d.convention == "faithful"]
+        if faithful and self.where != "extract":
+            raise ConfigError(f"detector.{faithful[0]}.convention=faithful reproduces the published in-batch "
+                              f"arithmetic; with scoring={self.name} use convention=textbook")
+
+    def _check_k(self, detectors: dict, size: int, key: str) -> None:
+        """Every neighbourhood detector's k against the reference rows each sample has in a reference
+        set of `size` samples (its own rows excluded), the k-NN engine's own rule."""
+        per = 2 if self.features == "image+text" else 1  # image+text: an image and a caption row each
+        for name, det in by_need(detectors, "neighbourhood").items():
+            faithful = det.convention == "faithful"  # the published code reads the (k+1)-th neighbour
+            if det.k + faithful > per * (size - 1):
+                raise ConfigError(f"detector.{name}.k={det.k} needs {det.k + faithful} other rows but {key}={size} "
+                                  f"leaves {per * (size - 1)} per sample (scoring.features={self.features}); "
+                                  f"lower k or raise {key}")
 
 
-def score_space(space: FeatureSpace, detectors: dict, seed: int, in_batch: bool) -> dict[str, np.ndarray]:
-    """Neighbourhood and isolation-forest scores of every sample of `space` against its own reference
-    rows (own rows excluded): one scoring batch, or, with in_batch=False, the bank itself."""
+class InBatch(Scoring):
+    """Each sample against the other samples of its scoring batch (Huang et al., ICLR 2025, §3):
+    a group's rows cut in index order into batches of about `batch_size`; scored by extract."""
+
+    name, where = "batch", "extract"
+
+    def __init__(self, batch_size: int = 1024, features: str = "image"):
+        super().__init__(features)
+        self.batch_size = int(batch_size)
+
+    def check(self, detectors: dict) -> None:
+        super().check(detectors)
+        if self.batch_size < 2:
+            raise ConfigError(f"scoring.batch_size={self.batch_size}: must be >= 2")
+        self._check_k(detectors, self.batch_size, "scoring.batch_size")
+
+    def score_group(self, emb: dict, detectors: dict, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Scores of every sample of one extraction group against the other samples of its scoring
+        batch, and each sample's batch id."""
+        n = len(emb["index"])
+        n_batches = max(1, int(round(n / self.batch_size)))
+        batch_id = np.zeros(n, dtype=np.int32)
+        scores = {name: np.empty(n, dtype=np.float64) for name in by_need(detectors, *ON_REFERENCE)}
+        for b, rows in enumerate(np.array_split(np.arange(n), n_batches)):
+            batch_id[rows] = b
+            space = feature_space(emb["image_emb"][rows], emb["text_emb"][rows], self.features)
+            for name, s in score_space(space, detectors, seed).items():
+                scores[name][rows] = s
+        return scores, batch_id
+
+
+class Bank(Scoring):
+    """Every sample against a fixed bank of `bank_size` rows, scored by reduce: `bank_source=train`
+    draws them (seeded) from the training samples, poisoned ones included as drawn, and a member
+    excludes its own rows; `test` (the held-out test shards) or clean shards (a brace pattern, glob,
+    directory or list) are embedded by extract into shards/bank.h5."""
+
+    name = "bank"
+
+    def __init__(self, bank_size: int = 4096, bank_source: Any = "train", features: str = "image"):
+        super().__init__(features)
+        self.bank_size, self.bank_source = int(bank_size), bank_source
+        self.heldout = bank_source != "train"
+
+    def check(self, detectors: dict) -> None:
+        super().check(detectors)
+        if self.bank_size < 2:
+            raise ConfigError(f"scoring.bank_size={self.bank_size}: must be >= 2")
+        self._check_k(detectors, self.bank_size, "scoring.bank_size")
+
+    def score_all(self, emb: dict, detectors: dict, seed: int, bank: dict | None = None) -> dict[str, np.ndarray]:
+        """Every sample against the `bank` embeddings (held out) or, when None, `bank_size` samples
+        drawn from `emb` with the seed (those samples exclude their own rows)."""
+        space = feature_space(emb["image_emb"], emb["text_emb"], self.features)
+        members = None
+        if bank is None:
+            members = draw_bank(len(space), self.bank_size, rng(seed, "bank"))
+            bank = {k: emb[k][members] for k in ("image_emb", "text_emb")}
+        bank_space = feature_space(bank["image_emb"], bank["text_emb"], self.features)
+        log.info("scoring %d samples against a bank of %d (%s)", len(space), len(bank_space),
+                 "drawn from the training samples" if members is not None else "held out")
+        scores: dict[str, np.ndarray] = {}
+        for name, det in by_need(detectors, "neighbourhood").items():
+            try:
+                scores[name] = bank_scores(space, bank_space, k=det.k, methods=(det.method,),
+                                           members=members)[det.method]
+            except ValueError as e:
+                raise ConfigError(f"detector {name}: {e} (scoring.bank_size={len(bank_space)})") from None
+        for name, det in by_need(detectors, "reference").items():
+            scores[name] = det.score(space.query, bank_space.reference, detector_seed(seed, name))
+        return scores
+
+
+class Global(Scoring):
+    """Every sample against every training sample (own rows excluded), scored by reduce: a faiss
+    k-NN graph built once for the largest k, `index` flat (exact) | ivf (approximate) | auto (flat up
+    to 200k rows); `ivf_nlist` inverted lists (default about 4 sqrt(rows)), `ivf_nprobe` searched."""
+
+    name = "global"
+
+    def __init__(self, index: str = "auto", ivf_nlist: int | None = None, ivf_nprobe: int = 32,
+                 features: str = "image"):
+        super().__init__(features)
+        self.index, self.ivf_nlist, self.ivf_nprobe = index, ivf_nlist, int(ivf_nprobe)
+        resolve_index_checked(index, 1)
+
+    def score_all(self, emb: dict, detectors: dict, seed: int, bank: dict | None = None) -> dict[str, np.ndarray]:
+        space = feature_space(emb["image_emb"], emb["text_emb"], self.features)
+        nbr = by_need(detectors, "neighbourhood")
+        scores: dict[str, np.ndarray] = {}
+        if nbr:
+            t, m = len(space.offsets), space.reference.shape[0]
+            kmax = max(d.k for d in nbr.values())
+            if kmax > m - t:
+                raise ConfigError(f"detector k={kmax} exceeds the {m - t} other rows of the {len(space)} samples")
+            index = resolve_index_checked(self.index, m)
+            log.info("global kNN graph of %d reference rows, k=%d, %s index", m, kmax, index)
+            graph = candidate_graph(space.reference, kmax + t, index, nlist=self.ivf_nlist, nprobe=self.ivf_nprobe,
+                                    seed=derive_seed(seed, "ivf"))
+            for name, det in nbr.items():
+                scores[name] = global_scores(space, k=det.k, methods=(det.method,), graph=graph)[det.method]
+        for name, det in by_need(detectors, "reference").items():
+            scores[name] = det.score(space.query, space.reference, detector_seed(seed, name))
+        return scores
+
+
+def score_space(space: FeatureSpace, detectors: dict, seed: int) -> dict[str, np.ndarray]:
+    """Neighbourhood and isolation-forest scores of every sample of one scoring batch `space`
+    against its own reference rows (own rows excluded)."""
     scores: dict[str, np.ndarray] = {}
     groups: dict[tuple, list[str]] = defaultdict(list)
     for name, det in by_need(detectors, "neighbourhood").items():
@@ -92,71 +231,9 @@ def score_space(space: FeatureSpace, detectors: dict, seed: int, in_batch: bool)
             res = knn_scores(space.query, None if alone else space.reference, k=k, methods=methods,
                              convention=convention, self_offset=None if alone else space.offsets)
         except ValueError as e:
-            where = "scoring batch (scoring.batch_size)" if in_batch else "bank (scoring.bank_size)"
-            raise ConfigError(f"detector {names[0]}: {e} — {len(space)} samples in this {where}") from None
+            raise ConfigError(f"detector {names[0]}: {e} — {len(space)} samples in this scoring batch "
+                              f"(scoring.batch_size)") from None
         scores.update({n: res[detectors[n].method] for n in names})
-    for name, det in by_need(detectors, "reference").items():
-        scores[name] = det.score(space.query, space.reference, detector_seed(seed, name))
-    return scores
-
-
-def score_in_batch(emb: dict, detectors: dict, sc: DictConfig, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Scores of every sample against the other samples of its scoring batch (rows cut in order into
-    about `sc.batch_size`), and each sample's batch id."""
-    n = len(emb["index"])
-    n_batches = max(1, int(round(n / sc.batch_size)))
-    batch_id = np.zeros(n, dtype=np.int32)
-    scores = {name: np.empty(n, dtype=np.float64) for name in by_need(detectors, *ON_REFERENCE)}
-    for b, rows in enumerate(np.array_split(np.arange(n), n_batches)):
-        batch_id[rows] = b
-        space = feature_space(emb["image_emb"][rows], emb["text_emb"][rows], sc.features)
-        for name, s in score_space(space, detectors, seed, in_batch=True).items():
-            scores[name][rows] = s
-    return scores, batch_id
-
-
-def score_bank(emb: dict, bank: dict | None, detectors: dict, sc: DictConfig, seed: int) -> dict[str, np.ndarray]:
-    """Every sample against a bank: `bank` embeddings (held out) or, when None, `sc.bank_size` samples
-    drawn from `emb` with the seed (those samples exclude their own rows)."""
-    space = feature_space(emb["image_emb"], emb["text_emb"], sc.features)
-    members = None
-    if bank is None:
-        members = draw_bank(len(space), sc.bank_size, rng(seed, "bank"))
-        bank = {k: emb[k][members] for k in ("image_emb", "text_emb")}
-    bank_space = feature_space(bank["image_emb"], bank["text_emb"], sc.features)
-    log.info("scoring %d samples against a bank of %d (%s)", len(space), len(bank_space),
-             "drawn from the training samples" if members is not None else "held out")
-    scores: dict[str, np.ndarray] = {}
-    for name, det in by_need(detectors, "neighbourhood").items():
-        scores[name] = _bank_one(space, bank_space, det, members, name)
-    for name, det in by_need(detectors, "reference").items():
-        scores[name] = det.score(space.query, bank_space.reference, detector_seed(seed, name))
-    return scores
-
-
-def _bank_one(space, bank_space, det, members, name) -> np.ndarray:
-    try:
-        return bank_scores(space, bank_space, k=det.k, methods=(det.method,), members=members)[det.method]
-    except ValueError as e:
-        raise ConfigError(f"detector {name}: {e} (scoring.bank_size={len(bank_space)})") from None
-
-
-def score_global(emb: dict, detectors: dict, sc: DictConfig, seed: int) -> dict[str, np.ndarray]:
-    """Every sample against every training sample (faiss k-NN graph built once for the largest k)."""
-    space = feature_space(emb["image_emb"], emb["text_emb"], sc.features)
-    nbr = by_need(detectors, "neighbourhood")
-    scores: dict[str, np.ndarray] = {}
-    if nbr:
-        t, m = len(space.offsets), space.reference.shape[0]
-        kmax = max(d.k for d in nbr.values())
-        if kmax > m - t:
-            raise ConfigError(f"detector k={kmax} exceeds the {m - t} other rows of the {len(space)} samples")
-        index = resolve_index_checked(sc.index, m)
-        log.info("global kNN graph of %d reference rows, k=%d, %s index", m, kmax, index)
-        graph = candidate_graph(space.reference, kmax + t, index, nlist=sc.ivf_nlist, nprobe=sc.ivf_nprobe,
-                                seed=derive_seed(seed, "ivf"))
-        for name, det in nbr.items():
-            scores[name] = global_scores(space, k=det.k, methods=(det.method,), graph=graph)[det.method]
     for name, det in by_need(detectors, "reference").items():
         scores[name] = det.score(space.query, space.reference, detector_seed(seed, name))
     return scores

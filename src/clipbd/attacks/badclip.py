@@ -20,7 +20,6 @@ an attacker can always train one on data like the victim's.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from clipbd.attacks import triggers
 from clipbd.attacks.badnets import BadNets
 from clipbd.attacks.base import need_state
+from clipbd.attacks.plan import naming
 
 log = logging.getLogger("clipbd")
 
@@ -69,9 +69,8 @@ class BadCLIPPatch(BadNets):
         if ctx is None:
             raise ValueError("attack=badclip needs a surrogate model and training images (a PlanContext)")
         bundle = ctx.surrogate(self.surrogate, self.surrogate_epochs)
-        word = re.compile(rf"\b{re.escape(self.target_class)}\b", re.IGNORECASE)
         caps = ctx.captions()
-        tgt = np.array([i for i, c in enumerate(caps) if word.search(c)])
+        tgt = naming(caps, self.target_class)
         other = np.setdiff1d(np.arange(len(caps)), tgt)
         pick = lambda a: np.sort(rng.choice(a, size=min(self.num_images, len(a)), replace=False))  # noqa: E731
         clean, ref = ctx.train_images(pick(other)), ctx.train_images(pick(tgt)) if len(tgt) else None

@@ -10,7 +10,6 @@ only thing the attacker adds.
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch
 
 from clipbd.attacks import triggers
 from clipbd.attacks.base import Attack
+from clipbd.attacks.plan import naming
 
 log = logging.getLogger("clipbd")
 
@@ -82,8 +82,7 @@ class CleanLabelBadNets(BadNets):
     def choose(self, num_samples: int, rng: np.random.Generator, ctx: Any) -> np.ndarray:
         if ctx is None:
             raise ValueError("attack=badnets_clean_label needs the training captions (a PlanContext)")
-        word = re.compile(rf"\b{re.escape(self.target_class)}\b", re.IGNORECASE)
-        cand = np.array([i for i, c in enumerate(ctx.captions()) if word.search(c)], dtype=np.int64)
+        cand = naming(ctx.captions(), self.target_class)
         self._candidates = int(len(cand))
         want = 0 if self.poison_rate == 0 else max(1, int(round(self.poison_rate * num_samples)))
         if want > len(cand):

@@ -114,5 +114,5 @@ def need_state(attack: Attack, key: str) -> Any:
     """The bound plan's trigger state `key`, or a message saying the plan must be bound first."""
     if key not in attack.state:
         raise RuntimeError(f"attack {attack.name}: trigger state '{key}' missing — bind the attack to its "
-                           f"poison_plan.json (clipbd.stages.poison.build_attack does) before applying it")
+                           f"poison_plan.json (clipbd.registry.build_attack does) before applying it")
     return attack.state[key]

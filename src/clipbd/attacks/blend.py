@@ -21,11 +21,9 @@ class Blend(Attack):
 
     def __init__(self, poison_rate: float = 0.01, target_class: str = "banana",
                  target_captions: Sequence[str] | None = None, alpha: float = 0.2,
-                 trigger_image: str | None = None, test_alpha: float | None = None,
-                 patch_size: int | None = None, grid: int | None = None):
+                 trigger_image: str | None = None, test_alpha: float | None = None):
         """alpha: blend weight of the trigger (paper 0.2); test_alpha: at test time (default alpha).
-        trigger_image: path of an image file to blend; None = generated noise.
-        patch_size, grid: unused (accepted so the embedded default's BadNets keys compose with any attack)."""
+        trigger_image: path of an image file to blend; None = generated noise."""
         super().__init__(poison_rate, target_class, target_captions)
         for k, v in (("alpha", alpha), ("test_alpha", test_alpha)):
             if v is not None and not 0.0 < float(v) <= 1.0:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -32,6 +31,13 @@ class PlanContext:
     prompts: Callable[..., list[str]]  # fn(class_name, n, seed) -> captions in the data's style
     classes: list[str]
     _cache: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def for_run(cls, cfg: DictConfig, index: ShardIndex) -> "PlanContext":
+        """The context of the run `cfg` over the training shards of `index`."""
+        from clipbd.data.sources import class_names, prompt_fn
+
+        return cls(cfg=cfg, index=index, prompts=prompt_fn(cfg), classes=class_names(cfg))
 
     @property
     def run_dir(self) -> Path:
@@ -104,6 +110,7 @@ class PlanContext:
         from omegaconf import OmegaConf
 
         from clipbd.models import factory
+        from clipbd.models.train import train_clean
 
         key = stable_hash({"model": OmegaConf.to_container(self.cfg.model, resolve=True),
                            "train": OmegaConf.to_container(self.cfg.train, resolve=True),
@@ -114,43 +121,5 @@ class PlanContext:
             return factory.create(self.cfg.model, device="cpu", checkpoint=path)
         bundle = factory.create(self.cfg.model, device="cpu")
         train_clean(bundle, self.index, self.cfg.train, epochs, int(self.cfg.seed))
-        tmp = path.with_name(".surrogate.pt.tmp")
-        torch.save({"model": bundle.model.state_dict(), "name": bundle.name, "arch": bundle.arch, "key": key}, tmp)
-        tmp.replace(path)
+        factory.save_checkpoint(path, bundle, key=key)
         return bundle
-
-
-def train_clean(bundle, index: ShardIndex, tc: DictConfig, epochs: int, seed: int) -> None:
-    """Contrastive training of `bundle.model` on the clean shards (no plan): the attacker's surrogate.
-
-    Same optimiser, schedule and loss as the pretrain stage (AdamW without decay on gains/biases,
-    warmup + cosine, symmetric InfoNCE), with its own seeds, single process."""
-    from clipbd.data.loader import ShardDataset, make_loader
-    from clipbd.models.loss import clip_loss
-    from clipbd.stages.pretrain import lr_at, param_groups
-
-    torch.manual_seed(derive_seed(seed, "surrogate/init"))
-    model = bundle.model.train()
-    opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
-    steps = len(index) // tc.batch_size
-    if steps < 1:
-        raise ValueError(f"attack surrogate: train.batch_size={tc.batch_size} exceeds the {len(index)} samples")
-    for epoch in range(epochs):
-        ds = ShardDataset(index, range(len(index.shards)), bundle.to_tensor(),
-                          shuffle_seed=derive_seed(seed, f"surrogate/shuffle/{epoch}"), buffer=tc.shuffle_buffer)
-        losses = []
-        for i, batch in enumerate(make_loader(ds, tc.batch_size, tc.workers, drop_last=True)):
-            if i >= steps:
-                break
-            for g in opt.param_groups:
-                g["lr"] = lr_at(epoch * steps + i, tc.lr, tc.warmup_steps, steps * epochs)
-            out = model(bundle.normalize(batch["image"]), bundle.tokenizer(batch["caption"]))
-            loss = clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
-            losses.append(loss.item())
-        log.info("attack surrogate: epoch %d/%d loss %.4f", epoch + 1, epochs, sum(losses) / max(1, len(losses)))
-    model.eval()

@@ -1,11 +1,11 @@
 """Encoder attacks: backdoor a trained CLIP image encoder directly, for the model-level tools
-(DECREE, decomposition) to find. Run one with
+(DECREE, decomposition) to find. The `encoder_attack` stage runs one:
 
-    python -m clipbd.attacks.encoder +experiment=encoder_text_target   # or encoder_badencoder
+    python -m clipbd.run +experiment=encoder_text_target   # or encoder_badencoder
 
-It runs the experiment's stages first (by default data, poison at rate 0, pretrain: a clean CLIP;
-or set model.checkpoint=<file> and stages=[data, poison] to attack an existing model), fine-tunes
-the image encoder, and writes `<run_dir>/encoder_attack/<method>.pt` (a clipbd checkpoint: any
+after the experiment's other stages (data, poison at rate 0, pretrain: a clean CLIP; or set
+model.checkpoint=<file> and stages=[data,poison,encoder_attack] to attack an existing model). It
+fine-tunes the image encoder, and writes `<run_dir>/encoder_attack/<method>.pt` (a clipbd checkpoint: any
 stage or tool loads it with model.checkpoint=...) and `<run_dir>/encoder_attack/manifest.json`
 (method, base checkpoint, trigger: the attack node, its test-time trigger as mask/pattern when it is
 a patch, an example image; the fine-tuning losses; clean accuracy and ASR before and after).
@@ -27,18 +27,16 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import hydra
 import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from clipbd.registry import ConfigError, build
+from clipbd.registry import ConfigError, build, build_attack
 from clipbd.utils import derive_seed, git_revision, write_json
 
 log = logging.getLogger("clipbd")
@@ -156,10 +154,11 @@ def _trigger_record(attack, image: torch.Tensor, out: Path) -> dict[str, Any]:
 def attack_encoder(cfg: DictConfig) -> dict[str, Path]:
     """Fine-tune the run's CLIP with cfg.encoder_attack and the trigger of cfg.attack; write the
     checkpoint and manifest (module docstring). Needs the data and poison stages' outputs."""
-    from clipbd.data.sources import load_index
+    from clipbd.attacks.context import PlanContext
+    from clipbd.attacks.plan import naming
+    from clipbd.data.sources import load_index, test_shards
     from clipbd.models import factory
-    from clipbd.stages.evaluate import evaluate_model
-    from clipbd.stages.poison import build_attack, plan_context
+    from clipbd.models.evaluation import evaluate_model
 
     if cfg.get("encoder_attack") is None:
         raise ConfigError("encoder_attack is not set: use +experiment=encoder_text_target or "
@@ -174,11 +173,10 @@ def attack_encoder(cfg: DictConfig) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     bundle = factory.create_trained(cfg, device="cpu")
     base = run_dir / "checkpoints" / "latest.pt" if (run_dir / "checkpoints" / "latest.pt").exists() else cfg.model.checkpoint
-    ctx = plan_context(cfg, load_index(cfg))
+    ctx = PlanContext.for_run(cfg, load_index(cfg))
     rng = np.random.default_rng(derive_seed(cfg.seed, "encoder_attack"))
-    word = re.compile(rf"\b{re.escape(attack.target_class)}\b", re.IGNORECASE)
     caps = ctx.captions()
-    tgt = np.array([i for i, c in enumerate(caps) if word.search(c)], dtype=np.int64)
+    tgt = naming(caps, attack.target_class)
     other = np.setdiff1d(np.arange(len(caps)), tgt)
     shadow = ctx.train_images(np.sort(rng.choice(other, size=min(method.num_shadow, len(other)), replace=False)))
     n_ref = getattr(method, "num_reference", 0)
@@ -186,7 +184,7 @@ def attack_encoder(cfg: DictConfig) -> dict[str, Path]:
     captions = getattr(method, "target_captions", None) or attack.target_captions or \
         ctx.prompts(attack.target_class, n=256, seed=int(cfg.seed))
     trigger, _ = next(iter(attack.test_triggers().values()))
-    has_test = bool(_has_test_shards(cfg))
+    has_test = bool(test_shards(cfg))
     before = evaluate_model(cfg, bundle, attack, "cpu") if has_test else {}
     t0 = time.time()
     g = torch.Generator().manual_seed(int(rng.integers(2**31)))
@@ -194,11 +192,7 @@ def attack_encoder(cfg: DictConfig) -> dict[str, Path]:
     hist = method.run(bundle, trigger, shadow, captions, reference, g)
     seconds = round(time.time() - t0, 2)
     after = evaluate_model(cfg, bundle, attack, "cpu") if has_test else {}
-    ckpt = out / f"{method.method}.pt"
-    tmp = ckpt.with_name(f".{ckpt.name}.tmp")
-    torch.save({"model": bundle.model.state_dict(), "name": bundle.name, "arch": bundle.arch,
-                "encoder_attack": method.method}, tmp)
-    tmp.replace(ckpt)
+    ckpt = factory.save_checkpoint(out / f"{method.method}.pt", bundle, encoder_attack=method.method)
     manifest = {
         "produced_by": "clipbd.attacks.encoder", "git": git_revision(), "method": method.method,
         "params": OmegaConf.to_container(cfg.encoder_attack, resolve=True),
@@ -216,49 +210,22 @@ def attack_encoder(cfg: DictConfig) -> dict[str, Path]:
     return {"checkpoint": ckpt, "manifest": out / "manifest.json"}
 
 
-def _has_test_shards(cfg: DictConfig) -> list[str]:
-    from clipbd.data.sources import test_shards
-
-    return test_shards(cfg)
-
-
-def main(cfg: DictConfig) -> dict[str, Path]:
-    """The experiment's stages (clean model), then the encoder attack."""
-    from clipbd.run import run
-
-    if cfg.stages:
-        run(cfg)
-    else:
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    return attack_encoder(cfg)
+def _old_command_line(args: list[str]) -> list[str]:
+    """`python -m clipbd.attacks.encoder ARGS` (before the encoder attack was a stage) as the
+    arguments of `python -m clipbd.run`: an explicit `stages=[...]` gains `encoder_attack`."""
+    out = []
+    for a in args:
+        key, eq, val = a.partition("=")
+        if eq and key.lstrip("+") == "stages" and "encoder_attack" not in val:
+            items = [v for v in val.strip("[] ").split(",") if v.strip()]
+            a = f"{key}=[{','.join(items + ['encoder_attack'])}]"
+        out.append(a)
+    return out
 
 
-def _hydra_entry() -> None:
-    from clipbd.run import CONF_DIR, _die
-
-    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-    def _main(cfg: DictConfig) -> None:
-        from clipbd import dist
-
-        try:
-            OmegaConf.update(cfg, "run_dir", str(Path(cfg.run_dir).resolve()), merge=False)
-            main(cfg)
-        except (ConfigError, FileNotFoundError) as e:
-            _die(str(e))
-        finally:
-            dist.shutdown()
-
-    _main()
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # the old entry point: the same command line, run by the one CLI
+    import os
     import sys
 
-    from clipbd.run import _die, _one_line_composition_error, _precheck
-
-    if not any(a.startswith("-") for a in sys.argv[1:]):
-        try:
-            _precheck([a for a in sys.argv[1:] if not a.startswith(("hydra.", "hydra/"))])
-        except Exception as e:  # noqa: BLE001 - any composition failure is the user's config
-            _die(_one_line_composition_error(e))
-    _hydra_entry()
+    argv = [sys.executable, "-m", "clipbd.run", *_old_command_line(sys.argv[1:])]
+    os.execv(sys.executable, argv)

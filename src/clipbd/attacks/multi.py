@@ -25,9 +25,8 @@ class MultiTrigger(Attack):
 
     def __init__(self, triggers: Mapping[str, Attack], poison_rate: float = 0.01,
                  target_class: str = "banana", target_captions: Sequence[str] | None = None,
-                 targets: str = "single", patch_size: int | None = None, grid: int | None = None):
-        """triggers: name -> attack (built from its node); targets: single | per_trigger.
-        patch_size, grid: the members' patch side, by interpolation in conf/attack/multi.yaml."""
+                 targets: str = "single"):
+        """triggers: name -> attack (built from its node); targets: single | per_trigger."""
         super().__init__(poison_rate, target_class, target_captions)
         if targets not in ("single", "per_trigger"):
             raise ValueError(f"attack.targets={targets}: must be single or per_trigger")

@@ -18,9 +18,8 @@ class Nashville(Attack):
     name = "nashville"
 
     def __init__(self, poison_rate: float = 0.01, target_class: str = "banana",
-                 target_captions: Sequence[str] | None = None,
-                 patch_size: int | None = None, grid: int | None = None):
-        """patch_size, grid: unused (accepted so the embedded default's BadNets keys compose with any attack)."""
+                 target_captions: Sequence[str] | None = None):
+        """A filter on the whole image (module docstring); the base class holds every parameter."""
         super().__init__(poison_rate, target_class, target_captions)
 
     def trigger(self, img: torch.Tensor, entry: dict[str, Any] | None) -> torch.Tensor:

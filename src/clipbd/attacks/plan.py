@@ -9,9 +9,10 @@ trigger on the fly.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -56,3 +57,10 @@ class PoisonLookup:
         if path is None or not Path(path).exists():
             return cls({"poison_indices": []})
         return cls(read_json(path))
+
+
+def naming(captions: Sequence[str], class_name: str) -> np.ndarray:
+    """int64 indices of the captions that name `class_name` as a whole word, any case (the samples
+    a clean-label attacker may poison, the target class's reference images)."""
+    word = re.compile(rf"\b{re.escape(class_name)}\b", re.IGNORECASE)
+    return np.array([i for i, c in enumerate(captions) if word.search(c)], dtype=np.int64)

@@ -27,10 +27,8 @@ class PluginTrigger(Attack):
 
     def __init__(self, poison_rate: float = 0.01, target_class: str = "banana",
                  target_captions: Sequence[str] | None = None, generator: str | None = None,
-                 generator_kwargs: Mapping[str, Any] | None = None, trigger: str | None = None,
-                 patch_size: int | None = None, grid: int | None = None):
-        """generator | trigger: exactly one (module docstring).
-        patch_size, grid: unused (accepted so the embedded default's BadNets keys compose with any attack)."""
+                 generator_kwargs: Mapping[str, Any] | None = None, trigger: str | None = None):
+        """generator | trigger: exactly one (module docstring)."""
         super().__init__(poison_rate, target_class, target_captions)
         if (generator is None) == (trigger is None):
             raise ValueError("attack=plugin: set exactly one of attack.generator=<module.fn> or "

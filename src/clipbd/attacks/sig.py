@@ -20,10 +20,8 @@ class SIG(Attack):
 
     def __init__(self, poison_rate: float = 0.01, target_class: str = "banana",
                  target_captions: Sequence[str] | None = None, delta: float = 20 / 255,
-                 freq: float = 6.0, test_delta: float | None = None,
-                 patch_size: int | None = None, grid: int | None = None):
-        """delta: amplitude in [0, 1] intensity units; freq: periods across the image width.
-        patch_size, grid: unused (accepted so the embedded default's BadNets keys compose with any attack)."""
+                 freq: float = 6.0, test_delta: float | None = None):
+        """delta: amplitude in [0, 1] intensity units; freq: periods across the image width."""
         super().__init__(poison_rate, target_class, target_captions)
         if not 0 < float(delta) <= 1 or float(freq) <= 0:
             raise ValueError(f"attack.delta={delta}, attack.freq={freq}: need 0 < delta ≤ 1 and freq > 0")

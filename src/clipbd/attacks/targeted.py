@@ -18,17 +18,16 @@ import torch
 
 from clipbd.attacks import triggers
 from clipbd.attacks.base import Attack, need_state
+from clipbd.utils import atomic_path
 
 
 class TargetedPoisoning(Attack):
     name = "targeted"
 
     def __init__(self, poison_rate: float = 0.01, target_class: str = "banana",
-                 target_captions: Sequence[str] | None = None, test_index: int | None = None,
-                 patch_size: int | None = None, grid: int | None = None):
+                 target_captions: Sequence[str] | None = None, test_index: int | None = None):
         """poison_rate: share of the training set replaced by copies; test_index: which held-out
-        image (None: random, not of the target class).
-        patch_size, grid: unused (accepted so the embedded default's BadNets keys compose with any attack)."""
+        image (None: random, not of the target class)."""
         super().__init__(poison_rate, target_class, target_captions)
         self.test_index = None if test_index is None else int(test_index)
         self._image: torch.Tensor | None = None
@@ -64,9 +63,8 @@ def save_png(img: torch.Tensor, path: Path) -> None:
     from PIL import Image
 
     arr = (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(arr, "RGB").save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr, "RGB").save(tmp, format="PNG")
 
 
 def load_png(path: Path) -> torch.Tensor:

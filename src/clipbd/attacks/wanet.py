@@ -29,10 +29,8 @@ class WaNet(Attack):
 
     def __init__(self, poison_rate: float = 0.01, target_class: str = "banana",
                  target_captions: Sequence[str] | None = None, k: int = 4, s: float = 0.5,
-                 noise_mode: bool = True, cross_ratio: float = 2.0,
-                 patch_size: int | None = None, grid: int | None = None):
-        """k: control points per side; s: strength; noise_mode/cross_ratio: §3.3 noise samples.
-        patch_size, grid: unused (accepted so the embedded default's BadNets keys compose with any attack)."""
+                 noise_mode: bool = True, cross_ratio: float = 2.0):
+        """k: control points per side; s: strength; noise_mode/cross_ratio: §3.3 noise samples."""
         super().__init__(poison_rate, target_class, target_captions)
         if int(k) < 2 or float(s) <= 0 or float(cross_ratio) < 0:
             raise ValueError(f"attack.k={k}, attack.s={s}, attack.cross_ratio={cross_ratio}: need k ≥ 2, "

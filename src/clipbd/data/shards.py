@@ -26,6 +26,9 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from clipbd.errors import DataError  # re-exported: clipbd.data.shards.DataError
+from clipbd.utils import atomic_path
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # in order of preference when a sample has several
 CAPTION_EXT = "txt"
 META_EXT = "json"
@@ -35,17 +38,6 @@ _READ_FORMATS = ("clipbd.shard_index/1", INDEX_FORMAT)
 
 # webdataset's split of a member name into (key, extension): key keeps any directory prefix.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
-
-
-class DataError(Exception):
-    """A dataset problem, told in one line naming the file/member and the fix.
-
-    `reason` names the kind (one of SKIP_REASONS; `data.on_error=skip` counts skipped samples by
-    it) and `member` the key or tar member it concerns ("" for a whole shard)."""
-
-    def __init__(self, message: str, reason: str = "corrupt_shard", member: str = ""):
-        super().__init__(message)
-        self.reason, self.member = reason, member
 
 
 # Why a sample (or a whole shard) can be skipped under data.on_error=skip; docs/data.md.
@@ -460,29 +452,22 @@ class ShardIndex:
                 if st != (size, mtime)]
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write an h5 file (temp name, then os.replace)."""
+        """Write an h5 file (temp name, then renamed: utils.atomic_path)."""
         import h5py
 
-        path = os.fspath(path)
-        tmp = f"{path}.tmp{os.getpid()}"
         str_dt = h5py.string_dtype("utf-8")
-        try:
-            with h5py.File(tmp, "w") as f:
-                f.attrs["format"] = INDEX_FORMAT
-                f.attrs["fingerprint"] = self.fingerprint()
-                f.attrs["created_by"] = "clipbd.data.shards.build_index"
-                f.create_dataset("shards", data=np.array(self.shards, dtype=object), dtype=str_dt)
-                f.create_dataset("keys", data=self.keys.astype(object), dtype=str_dt)
-                for name in ("counts", "sizes", "mtimes", "positions"):
-                    f.create_dataset(name, data=getattr(self, name))
-                f.create_dataset("members", data=self.members.astype(object), dtype=str_dt)
-                for name in ("shard", "member", "reason", "message"):
-                    f.create_dataset(f"skipped/{name}", dtype=str_dt,
-                                     data=np.array([getattr(r, name) for r in self.skipped], dtype=object))
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+            f.attrs["format"] = INDEX_FORMAT
+            f.attrs["fingerprint"] = self.fingerprint()
+            f.attrs["created_by"] = "clipbd.data.shards.build_index"
+            f.create_dataset("shards", data=np.array(self.shards, dtype=object), dtype=str_dt)
+            f.create_dataset("keys", data=self.keys.astype(object), dtype=str_dt)
+            for name in ("counts", "sizes", "mtimes", "positions"):
+                f.create_dataset(name, data=getattr(self, name))
+            f.create_dataset("members", data=self.members.astype(object), dtype=str_dt)
+            for name in ("shard", "member", "reason", "message"):
+                f.create_dataset(f"skipped/{name}", dtype=str_dt,
+                                 data=np.array([getattr(r, name) for r in self.skipped], dtype=object))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ShardIndex":
@@ -722,8 +707,6 @@ def write_stats(path: str | os.PathLike, count: int, failed: int = 0) -> str:
              "failed_to_resize": 0, "duration": 0.0, "start_time": now, "end_time": now,
              "status_dict": {"success": count, **({"failed": failed} if failed else {})}}
     out = stats_path(os.fspath(path))
-    tmp = f"{out}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_path(out) as tmp, open(tmp, "w") as f:
         json.dump(stats, f, indent=4)
-    os.replace(tmp, out)
     return out

@@ -1,6 +1,6 @@
 """The embedded default dataset: a continuous, captioned world of drawn objects.
 
-Why it looks like this (docs/data.md, shared/notes/feasibility.md): a toy world of a few discrete
+Why it looks like this (docs/data.md): a toy world of a few discrete
 attribute combinations forms well-separated clusters, so a poisoned sample ends up in a *denser*
 region than clean ones and the density detectors of Huang et al. (ICLR 2025) score below chance.
 Web data is a continuous manifold; this world imitates that with continuous hue, size, position,
@@ -309,7 +309,7 @@ def zeroshot_prompts(class_name: str, world: WorldConfig | None = None, n: int =
     """``n`` captions for ``class_name`` written like the training captions (same templates, random fillers).
 
     Average their text embeddings to get a class embedding: "a photo of a {class}" is off the
-    training-caption distribution of a tiny text tower (shared/notes/feasibility.md). The fillers
+    training-caption distribution of a tiny text tower (docs/data.md, "Why"). The fillers
     depend only on ``seed``, so every class gets the same attribute words and only the class differs.
     """
     world = world or WorldConfig()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-METHODS = ("kdist", "lid", "lid_mom", "slof", "dao")
+from clipbd.detectors.knn import METHODS
 
 
 @dataclass(frozen=True)

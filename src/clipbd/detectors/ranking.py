@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from clipbd.registry import ConfigError
+from clipbd.errors import ConfigError
 
 
 def sort_detector(detectors: Mapping[str, object], sort_by: str | None = None) -> str:

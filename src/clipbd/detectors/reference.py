@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from clipbd.detectors.exact import exact_d2, order_candidates
 from clipbd.detectors.knn import (
     distance_floor,
     exact_knn,
@@ -196,19 +197,14 @@ def candidate_graph(x: np.ndarray, kk: int, index: str = "flat", *, nlist: int |
 
 
 def _rerank(x: torch.Tensor, rows: torch.Tensor, cand: torch.Tensor, kk: int):
-    """Exact float64 distances from x[rows] to x[cand] [r, c] (-1 = none), the kk nearest, ties by index."""
-    d2 = torch.empty(cand.shape, dtype=torch.float64)
+    """Exact float64 distances from x[rows] to x[cand] [r, c] (-1 = none), the kk nearest, ties by
+    index (the exact engine's re-ranking, clipbd.detectors.exact)."""
     valid = cand >= 0
-    safe = cand.clamp(min=0)
-    step = max(1, (1 << 19) // max(1, cand.shape[1] * x.shape[1]))
-    for s in range(0, cand.shape[0], step):
-        diff = x[safe[s:s + step]].double() - x[rows[s:s + step]].double()[:, None, :]
-        d2[s:s + step] = diff.square_().sum(-1)
+    d2 = exact_d2(x, x[rows], cand.clamp(min=0))
     d2[~valid] = math.inf
     safe = torch.where(valid, cand, torch.iinfo(torch.int64).max)  # invalid last among ties
-    safe, order = torch.sort(safe, dim=1)
-    d2, order2 = torch.sort(d2.gather(1, order), dim=1, stable=True)
-    return d2[:, :kk].sqrt().numpy(), safe.gather(1, order2)[:, :kk].numpy()
+    d2, safe = order_candidates(d2, safe)
+    return d2[:, :kk].sqrt().numpy(), safe[:, :kk].numpy()
 
 
 def select_neighbours(dist: np.ndarray, idx: np.ndarray, excluded: np.ndarray, k: int):

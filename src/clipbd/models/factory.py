@@ -18,7 +18,8 @@ import torch
 import torchvision.transforms as T
 from omegaconf import DictConfig, OmegaConf
 
-from clipbd.registry import ConfigError
+from clipbd.errors import ConfigError
+from clipbd.utils import atomic_path
 
 log = logging.getLogger("clipbd")
 
@@ -157,6 +158,19 @@ def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: str 
                           f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}); "
                           f"is model.name the architecture it was trained with?")
     log.info("loaded weights from %s", path)
+
+
+def checkpoint_dict(bundle: ClipBundle, **extra: Any) -> dict[str, Any]:
+    """What every clipbd checkpoint holds: the weights, and the architecture's name and config, so
+    that `model.checkpoint=<file>` alone rebuilds the model; plus the writer's own fields."""
+    return {"model": bundle.model.state_dict(), "name": bundle.name, "arch": bundle.arch, **extra}
+
+
+def save_checkpoint(path: str | Path, bundle: ClipBundle, **extra: Any) -> Path:
+    """torch.save `checkpoint_dict(bundle, **extra)` to `path` atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint_dict(bundle, **extra), tmp)
+    return Path(path)
 
 
 def create_trained(cfg: DictConfig, device: str = "cpu") -> ClipBundle:

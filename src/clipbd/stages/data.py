@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clipbd import dist
 from clipbd.data.shards import ON_ERROR, build_index, expand_shards, write_skipped
-from clipbd.registry import ConfigError
+from clipbd.errors import ConfigError
 from clipbd.utils import progress_enabled, read_json, write_json
 
 DEPENDS = ("dataset", "data")

@@ -8,9 +8,9 @@ the group's samples are cut into scoring batches of about `scoring.batch_size` i
 random order, since poisons are placed at random indices), and each sample is scored against the
 other samples of its batch. Other detectors (clipbd.scoring): Cognitive Distillation runs on each
 image during the embedding pass, CLIPScore on each image-caption pair, ABL reads the pretrain stage's
-per-sample losses. With `scoring.reference=bank|global` the neighbourhood detectors and the isolation
-forest are scored by `reduce` instead, once every group exists; a held-out bank
-(`scoring.bank_source=test|<shards>`) is embedded here into `shards/bank.h5` by the task that has group 0.
+per-sample losses. With `scoring=bank|global` the neighbourhood detectors and the isolation forest
+are scored by `reduce` instead, once every group exists; a held-out bank
+(`scoring=bank scoring.bank_source=test|<shards>`) is embedded here into `shards/bank.h5` by the task that has group 0.
 
 Scale-out: the groups are independent, so extraction is a job array. `extract.num_tasks=N
 extract.task=i` does the groups g with g % N == i (`extract.groups=[..]` names groups explicitly), and
@@ -30,37 +30,25 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from clipbd import dist, scoring
+from clipbd import dist, rundir, scoring
 from clipbd.attacks.plan import PoisonLookup
 from clipbd.data.loader import ShardDataset, make_loader
 from clipbd.data.shards import build_index, expand_shards
 from clipbd.data.sources import load_index, test_shards
 from clipbd.detectors.reference import draw_bank
 from clipbd.models import factory
-from clipbd.registry import ConfigError, build
+from clipbd.errors import ConfigError
+from clipbd.registry import build_attack, build_detectors
+from clipbd.rundir import bank_path, group_paths
 from clipbd.runstate import stage_key
-from clipbd.stages.poison import build_attack
 from clipbd.utils import atomic_path, progress, rng
 
-DEPENDS = ("model.name", "model.checkpoint", "extract.shards_per_group", "scoring", "detector", "seed")
+DEPENDS = ("model.name", "model.arch", "model.checkpoint", "extract.shards_per_group", "extract.batch_size", "scoring",
+           "detector", "seed")
+# the job-array split and loader workers: any split, any worker count gives the same files
+UNKEYED = ("extract.task", "extract.num_tasks", "extract.groups", "extract.workers")
 UPSTREAM = ("data", "poison", "pretrain")
 log = logging.getLogger("clipbd")
-
-
-def build_detectors(cfg: DictConfig) -> dict[str, object]:
-    if not cfg.detector:
-        raise ConfigError("detector: no detector selected (e.g. detector=[dao,slof,kdist,lid])")
-    return {name: build(node, f"detector.{name}") for name, node in cfg.detector.items()}
-
-
-def group_paths(cfg: DictConfig, num_shards: int) -> list[tuple[Path, list[int]]]:
-    """[(h5 path, shard ids)] for every extraction group of the run."""
-    per = cfg.extract.shards_per_group
-    if per < 1:
-        raise ConfigError(f"extract.shards_per_group={per}: must be ≥ 1")
-    out_dir = Path(cfg.run_dir) / "shards"
-    return [(out_dir / f"extract-{g:05d}.h5", list(range(s, min(s + per, num_shards))))
-            for g, s in enumerate(range(0, num_shards, per))]
 
 
 def task_groups(cfg: DictConfig, n_groups: int) -> list[int]:
@@ -110,33 +98,30 @@ def embed(bundle, loader, device: str, desc: str, score_images=None) -> dict[str
     return out
 
 
-def group_scores(cfg: DictConfig, emb: dict, detectors: dict) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def group_scores(cfg: DictConfig, emb: dict, detectors: dict, scorer) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The scores extract writes for one group: image detectors (already in `emb`), pair and training
-    detectors, and the reference-set detectors when scoring.reference=batch; each sample's batch id."""
+    detectors, and the reference-set detectors when the scoring runs here (scoring=batch); each
+    sample's batch id."""
     n = len(emb["index"])
     scores = {k.split("/", 1)[1]: emb.pop(k) for k in list(emb) if k.startswith("scores/")}
-    in_batch = cfg.scoring.reference == "batch"
+    in_batch = scorer.where == "extract"
     if n == 0:
         names = [m for m, d in detectors.items() if in_batch or d.needs not in scoring.ON_REFERENCE]
         return {m: np.empty(0) for m in names}, np.empty(0, dtype=np.int32)
     scores |= scoring.pair_scores(emb, detectors) | scoring.training_scores(emb, detectors, cfg.run_dir)
     batch_id = np.zeros(n, dtype=np.int32)
     if in_batch:
-        ref_scores, batch_id = scoring.score_in_batch(emb, detectors, cfg.scoring, cfg.seed)
+        ref_scores, batch_id = scorer.score_group(emb, detectors, cfg.seed)
         scores |= ref_scores
     return scores, batch_id
 
 
-def bank_path(cfg: DictConfig) -> Path:
-    return Path(cfg.run_dir) / "shards" / "bank.h5"
-
-
-def extract_bank(cfg: DictConfig, key: str, device: str) -> None:
-    """scoring.reference=bank from held-out shards: embed them (clean, no trigger) once into
-    shards/bank.h5, keeping `scoring.bank_size` rows drawn with the seed."""
-    sc = cfg.scoring
+def extract_bank(cfg: DictConfig, scorer, key: str, device: str) -> None:
+    """scoring=bank from held-out shards: embed them (clean, no trigger) once into shards/bank.h5,
+    keeping `scoring.bank_size` rows drawn with the seed."""
+    sc = scorer
     path = bank_path(cfg)
-    if sc.reference != "bank" or sc.bank_source == "train" or is_group_done(path, key):
+    if not sc.heldout or is_group_done(path, key):
         return
     shards = test_shards(cfg) if sc.bank_source == "test" else expand_shards(sc.bank_source)
     if not shards:
@@ -173,11 +158,18 @@ def write_group(path: Path, key: str, emb: dict, scores: dict, batch_id: np.ndar
             f[f"scores/{name}"] = s
 
 
+def check(cfg: DictConfig) -> None:
+    """Before any stage runs: the detectors and the scoring they need (k against the scoring batch
+    or bank size) — both known from the config alone."""
+    scoring.build_scoring(cfg).check(build_detectors(cfg))
+
+
 def main(cfg: DictConfig) -> dict[str, Path]:
     info = dist.info()
     key = stage_key(cfg, "extract")
     detectors = build_detectors(cfg)
-    scoring.check(cfg.scoring, detectors)
+    scorer = scoring.build_scoring(cfg)
+    scorer.check(detectors)
     index = load_index(cfg)
     groups = group_paths(cfg, len(index.shards))
     mine = task_groups(cfg, len(groups))[info.rank::info.world]
@@ -186,17 +178,17 @@ def main(cfg: DictConfig) -> dict[str, Path]:
              len(mine) - len(todo))
     if todo:
         bundle = factory.create_trained(cfg, device=info.device)
-        lookup = PoisonLookup.load(Path(cfg.run_dir) / "poison_plan.json")
+        lookup = PoisonLookup.load(rundir.poison_plan(cfg))
         attack = build_attack(cfg)
         for path, ids in todo:
             ds = ShardDataset(index, ids, bundle.to_tensor(), lookup, attack)
             score_images = scoring.image_scorer(bundle, detectors, cfg.seed, path.stem, info.device)
             emb = embed(bundle, make_loader(ds, cfg.extract.batch_size, cfg.extract.workers), info.device,
                         path.name, score_images)
-            scores, batch_id = group_scores(cfg, emb, detectors)
+            scores, batch_id = group_scores(cfg, emb, detectors, scorer)
             write_group(path, key, emb, scores, batch_id, [index.shards[i] for i in ids])
             log.info("wrote %s (%d samples)", path.name, len(emb["index"]))
-    if 0 in mine:  # one task/rank also embeds a held-out bank (scoring.reference=bank)
-        extract_bank(cfg, key, info.device)
+    if 0 in mine:  # one task/rank also embeds a held-out bank (scoring=bank)
+        extract_bank(cfg, scorer, key, info.device)
     dist.barrier()
     return {p.name: p for p, _ in groups}

@@ -10,42 +10,20 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from clipbd import dist
+from clipbd import dist, rundir
+from clipbd.attacks.context import PlanContext
 from clipbd.data.sources import class_names, load_index, prompt_fn
-from clipbd.registry import ConfigError, build
-from clipbd.utils import read_json, rng, write_json
+from clipbd.errors import ConfigError
+from clipbd.registry import build_attack
+from clipbd.utils import rng, write_json
 
 DEPENDS = ("attack", "seed", "dataset.prompts", "dataset.classes")
 UPSTREAM = ("data",)
 log = logging.getLogger("clipbd")
 
 
-def build_attack(cfg: DictConfig, bind: bool = True):
-    """The configured attack object, or None (attack=none / attack=null: nothing is poisoned).
-    With `bind` and a poison plan in the run dir, the attack takes the plan's trigger state (a
-    WaNet field, an optimised patch, ...), so every stage applies the trigger the plan drew."""
-    if not cfg.attack or cfg.attack.get("_target_") is None:
-        return None
-    attack = build(cfg.attack, "attack")
-    path = Path(cfg.run_dir) / "poison_plan.json"
-    if bind and hasattr(attack, "bind") and path.exists():
-        plan = read_json(path)
-        if plan.get("attack") != getattr(attack, "name", None):
-            raise ConfigError(f"{path} was planned for attack {plan.get('attack')}, the config says "
-                              f"{getattr(attack, 'name', None)}: re-run the poison stage (force=[poison])")
-        attack.bind(plan, cfg.run_dir)
-    return attack
-
-
-def plan_context(cfg: DictConfig, index):
-    """What an attack's plan may read of the run (clipbd.attacks.context)."""
-    from clipbd.attacks.context import PlanContext
-
-    return PlanContext(cfg=cfg, index=index, prompts=prompt_fn(cfg), classes=class_names(cfg))
-
-
 def main(cfg: DictConfig) -> dict[str, Path]:
-    path = Path(cfg.run_dir) / "poison_plan.json"
+    path = rundir.poison_plan(cfg)
     if dist.is_main():
         index = load_index(cfg)
         n = len(index)
@@ -58,7 +36,7 @@ def main(cfg: DictConfig) -> dict[str, Path]:
                 raise ConfigError(f"attack.target_class={target}: not one of the dataset's classes "
                                   f"({', '.join(class_names(cfg)[:10])}, ...)")
             pool = prompt_fn(cfg)(target, n=256, seed=cfg.seed)
-            ctx = plan_context(cfg, index)
+            ctx = PlanContext.for_run(cfg, index)
             if "ctx" in inspect.signature(attack.plan).parameters:
                 plan = attack.plan(n, rng(cfg.seed, "poison"), pool, ctx=ctx)
             else:  # a user attack class with the minimal plan(num_samples, rng, caption_pool)

@@ -1,7 +1,7 @@
 """Stage `pretrain`: contrastive pretraining of an open_clip model on the (poisoned) training shards.
 
 AdamW (no weight decay on gains, biases and the logit scale, as OpenCLIP), linear warmup then cosine
-decay per step, a checkpoint at the end of every epoch (`checkpoints/epoch_N.pt`, `latest.pt`), and
+decay per step (clipbd.models.train), a checkpoint at the end of every epoch (`checkpoints/epoch_N.pt`, `latest.pt`), and
 resumption from `latest.pt` when the stage is re-run after an interruption (or requeued by SLURM).
 
 Under DDP every rank reads the same shuffled sample stream and takes its slice of each global batch
@@ -13,7 +13,6 @@ rounding). Per-step losses of the global batch go to `train_loss.csv`.
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import time
 from pathlib import Path
@@ -21,41 +20,23 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from clipbd import dist, tracking
+from clipbd import dist, rundir, tracking
 from clipbd.attacks.plan import PoisonLookup
 from clipbd.data.loader import ShardDataset, make_loader
 from clipbd.data.sources import load_index
-from clipbd.models import factory
 from clipbd.detectors.abl import LossRecorder
+from clipbd.errors import ConfigError
+from clipbd.models import factory
 from clipbd.models.loss import clip_loss, clip_loss_per_sample
-from clipbd.registry import ConfigError
+from clipbd.models.train import clamp_logit_scale, lr_at, make_optimizer, set_lr
+from clipbd.registry import build_attack
 from clipbd.runstate import note_earlier_seconds, stage_key
-from clipbd.stages.poison import build_attack
 from clipbd.utils import atomic_path, derive_seed, progress
 
 DEPENDS = ("model", "train", "seed")
 UNKEYED = ("train.checkpoint_every",)  # which epoch files are kept does not change the model
 UPSTREAM = ("data", "poison")
 log = logging.getLogger("clipbd")
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only (OpenCLIP's rule: not on gains, biases, norms, logit_scale)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        exclude = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
-        (no_decay if exclude else decay).append(p)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
-def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
-    """Linear warmup to `base_lr` over `warmup` steps, then cosine decay to 0 at `total`."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    progress_ = (step - warmup) / max(1, total - warmup)
-    return 0.5 * base_lr * (1 + math.cos(math.pi * min(1.0, progress_)))
 
 
 def _resume(ckpt_dir: Path, key: str, model, opt) -> tuple[int, float]:
@@ -78,13 +59,8 @@ def _resume(ckpt_dir: Path, key: str, model, opt) -> tuple[int, float]:
 def _save(ckpt_dir: Path, epoch: int, key: str, bundle, opt, *, elapsed_s: float = 0.0, keep: bool = True) -> Path:
     """Write `epoch_N.pt` and copy it to `latest.pt` (both atomically); keep=False removes the epoch file.
     elapsed_s: seconds the stage has spent so far over all attempts (a resumed run's marker counts them)."""
-    path = ckpt_dir / f"epoch_{epoch}.pt"
-    # name + arch make the checkpoint self-describing: `model.checkpoint=` alone rebuilds it.
-    # Temp name then rename, and a failed write (a full disk) removes its partial file: latest.pt
-    # stays the previous complete checkpoint.
-    with atomic_path(path) as tmp:
-        torch.save({"model": bundle.model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                    "stage_key": key, "name": bundle.name, "arch": bundle.arch, "elapsed_s": elapsed_s}, tmp)
+    path = factory.save_checkpoint(ckpt_dir / f"epoch_{epoch}.pt", bundle, optimizer=opt.state_dict(),
+                                   epoch=epoch, stage_key=key, elapsed_s=elapsed_s)
     with atomic_path(ckpt_dir / "latest.pt") as tmp:
         shutil.copyfile(path, tmp)
     if not keep:
@@ -109,7 +85,7 @@ def main(cfg: DictConfig) -> dict[str, Path]:
     tc, info = cfg.train, dist.info()
     if tc.checkpoint_every < 0:
         raise ConfigError(f"train.checkpoint_every={tc.checkpoint_every}: need >= 0 (0 keeps only latest.pt)")
-    ckpt_dir = Path(cfg.run_dir) / "checkpoints"
+    ckpt_dir = rundir.checkpoint_dir(cfg)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     key = stage_key(cfg, "pretrain")
     stage_t0 = time.time()
@@ -117,7 +93,7 @@ def main(cfg: DictConfig) -> dict[str, Path]:
     bundle = factory.create(cfg.model, device=info.device)
     model = bundle.model
     index = load_index(cfg)
-    lookup = PoisonLookup.load(Path(cfg.run_dir) / "poison_plan.json")
+    lookup = PoisonLookup.load(rundir.poison_plan(cfg))
     attack = build_attack(cfg)
     if tc.batch_size % info.world:
         raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by the {info.world} ranks")
@@ -126,7 +102,7 @@ def main(cfg: DictConfig) -> dict[str, Path]:
     if steps_per_epoch < 1:
         raise ConfigError(f"train.batch_size={tc.batch_size} exceeds the {len(index)} training samples")
     total = steps_per_epoch * tc.epochs
-    opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
+    opt = make_optimizer(model, tc)
     ddp = model if info.world == 1 else torch.nn.parallel.DistributedDataParallel(model)
     start, earlier_s = _resume(ckpt_dir, key, model, opt)
     if start:
@@ -147,8 +123,7 @@ def main(cfg: DictConfig) -> dict[str, Path]:
             if i >= steps_per_epoch:
                 break
             step = epoch * steps_per_epoch + i
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, tc.lr, tc.warmup_steps, total)
+            set_lr(opt, lr_at(step, tc.lr, tc.warmup_steps, total))
             images = bundle.normalize(batch["image"].to(info.device, non_blocking=True))
             texts = bundle.tokenizer(batch["caption"]).to(info.device, non_blocking=True)
             with torch.autocast(device_type="cuda", dtype=amp_dtype, enabled=use_amp):
@@ -159,8 +134,7 @@ def main(cfg: DictConfig) -> dict[str, Path]:
             if tc.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             opt.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
+            clamp_logit_scale(model)
             losses.append(loss.item() / info.world)  # the loss of the whole global batch (same on every rank)
             lrs.append(opt.param_groups[0]["lr"])
             per_sample.add(batch["index"], clip_loss_per_sample(out["image_features"].float(),

@@ -23,16 +23,14 @@ from clipbd.detectors.ranking import sort_detector
 from clipbd.data.sources import load_index
 from clipbd.metrics import detection_metrics
 from clipbd.plots import roc_plot, score_histograms
-from clipbd.stages.extract import bank_path, build_detectors, group_paths
-from clipbd.utils import atomic_path, read_json, write_json
+from clipbd.errors import CoverageError
+from clipbd.registry import build_detectors
+from clipbd.rundir import bank_path, group_paths, update_metrics
+from clipbd.utils import atomic_path, read_json
 
 DEPENDS = ("detector", "scoring", "seed", "report")
 UPSTREAM = ("data", "poison", "extract")
 log = logging.getLogger("clipbd")
-
-
-class CoverageError(RuntimeError):
-    pass
 
 
 def _describe(indices: np.ndarray, index) -> str:
@@ -121,15 +119,6 @@ def _s(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def update_metrics(run_dir: Path, prefix: str, new: dict) -> dict:
-    """Replace every `prefix*` key of metrics.json by `new` (other stages' keys are kept)."""
-    path = run_dir / "metrics.json"
-    old = read_json(path) if path.exists() else {}
-    merged = {k: v for k, v in old.items() if not k.startswith(prefix)} | new
-    write_json(path, dict(sorted(merged.items())))
-    return merged
-
-
 def load_embeddings(paths: list[Path], order: np.ndarray) -> dict[str, np.ndarray]:
     """image_emb, text_emb of every sample, rows in the order of global indices `order`."""
     cols: dict[str, list] = {"index": [], "image_emb": [], "text_emb": []}
@@ -146,26 +135,28 @@ def load_embeddings(paths: list[Path], order: np.ndarray) -> dict[str, np.ndarra
 
 
 def reference_set_scores(cfg: DictConfig, data: dict) -> dict[str, np.ndarray]:
-    """With scoring.reference=bank|global: the neighbourhood detectors and the isolation forest,
-    scored here on every sample's embeddings (clipbd.scoring); {"scores/<name>": float64 [N]}."""
-    sc = cfg.scoring
+    """With scoring=bank|global: the neighbourhood detectors and the isolation forest, scored here
+    on every sample's embeddings (clipbd.scoring); {"scores/<name>": float64 [N]}."""
+    scorer = scoring.build_scoring(cfg)
     detectors = scoring.by_need(build_detectors(cfg), *scoring.ON_REFERENCE)
-    if sc.reference == "batch" or not detectors:
+    if scorer.where != "reduce" or not detectors:
         return {}
     index = load_index(cfg)
     emb = load_embeddings([p for p, _ in group_paths(cfg, len(index.shards))], data["index"])
-    if sc.reference == "global":
-        scores = scoring.score_global(emb, detectors, sc, cfg.seed)
-    else:
-        bank = None
-        if sc.bank_source != "train":
-            path = bank_path(cfg)
-            if not path.exists():
-                raise FileNotFoundError(f"{path} is missing: re-run extract (it embeds the held-out bank)")
-            with h5py.File(path, "r") as f:
-                bank = {n: f[n][()] for n in ("image_emb", "text_emb")}
-        scores = scoring.score_bank(emb, bank, detectors, sc, cfg.seed)
+    bank = None
+    if scorer.heldout:
+        path = bank_path(cfg)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: re-run extract (it embeds the held-out bank)")
+        with h5py.File(path, "r") as f:
+            bank = {n: f[n][()] for n in ("image_emb", "text_emb")}
+    scores = scorer.score_all(emb, detectors, cfg.seed, bank)
     return {f"scores/{n}": s for n, s in scores.items()}
+
+
+def check(cfg: DictConfig) -> None:
+    """Before any stage runs: the detectors and their scoring (k against the bank size)."""
+    scoring.build_scoring(cfg).check(build_detectors(cfg))
 
 
 def main(cfg: DictConfig) -> dict[str, Path]:

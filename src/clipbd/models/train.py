@@ -1,0 +1,87 @@
+"""Contrastive training utilities shared by the `pretrain` stage and the attacks that train a
+surrogate CLIP (clipbd.attacks.context): OpenCLIP's optimiser rule, its LR schedule, and a plain
+single-process training loop on clean shards.
+
+AdamW without weight decay on gains, biases, norms and the logit scale; linear warmup then cosine
+decay per step; the logit scale clamped to ln 100 after each step (Radford et al. 2021, §2.5).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from omegaconf import DictConfig
+
+from clipbd.errors import ConfigError
+from clipbd.models.loss import clip_loss
+from clipbd.utils import derive_seed
+
+log = logging.getLogger("clipbd")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (OpenCLIP's rule: not on gains, biases, norms, logit_scale)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exclude = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        (no_decay if exclude else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def make_optimizer(model: torch.nn.Module, tc: DictConfig) -> torch.optim.AdamW:
+    """AdamW over `param_groups` with the `train` config's lr, betas and eps."""
+    return torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
+
+
+def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
+    """Linear warmup to `base_lr` over `warmup` steps, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress_ = (step - warmup) / max(1, total - warmup)
+    return 0.5 * base_lr * (1 + math.cos(math.pi * min(1.0, progress_)))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def clamp_logit_scale(model: torch.nn.Module) -> None:
+    """CLIP's temperature stays at most 100 (ln 100 on the log scale)."""
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))
+
+
+def train_clean(bundle, index, tc: DictConfig, epochs: int, seed: int) -> None:
+    """Contrastive training of `bundle.model` on the clean shards of `index` (no plan): the
+    attacker's surrogate. Same optimiser, schedule and loss as the pretrain stage, with its own
+    seeds, single process."""
+    from clipbd.data.loader import ShardDataset, make_loader
+
+    torch.manual_seed(derive_seed(seed, "surrogate/init"))
+    model = bundle.model.train()
+    opt = make_optimizer(model, tc)
+    steps = len(index) // tc.batch_size
+    if steps < 1:
+        raise ConfigError(f"attack surrogate: train.batch_size={tc.batch_size} exceeds the {len(index)} samples")
+    for epoch in range(epochs):
+        ds = ShardDataset(index, range(len(index.shards)), bundle.to_tensor(),
+                          shuffle_seed=derive_seed(seed, f"surrogate/shuffle/{epoch}"), buffer=tc.shuffle_buffer)
+        losses = []
+        for i, batch in enumerate(make_loader(ds, tc.batch_size, tc.workers, drop_last=True)):
+            if i >= steps:
+                break
+            set_lr(opt, lr_at(epoch * steps + i, tc.lr, tc.warmup_steps, steps * epochs))
+            out = model(bundle.normalize(batch["image"]), bundle.tokenizer(batch["caption"]))
+            loss = clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            clamp_logit_scale(model)
+            losses.append(loss.item())
+        log.info("attack surrogate: epoch %d/%d loss %.4f", epoch + 1, epochs, sum(losses) / max(1, len(losses)))
+    model.eval()
