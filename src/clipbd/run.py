@@ -20,7 +20,7 @@ from clipbd import dist, tracking
 from clipbd.cli import CONF_DIR, check_command_line, die, normalize_overrides
 from clipbd.config import STAGE_ORDER, register_configs
 from clipbd.errors import ClipbdError, ConfigError
-from clipbd.utils import atomic_path, git_revision, set_progress_mode, write_json
+from clipbd.utils import atomic_path, git_revision, machine, set_progress_mode, write_json
 
 log = logging.getLogger("clipbd")
 register_configs()
@@ -67,7 +67,8 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
         with atomic_path(run_dir / "config.yaml") as tmp:  # concurrent jobs (array tasks) share the dir
             OmegaConf.save(cfg, tmp, resolve=True)
         write_json(run_dir / "meta.json", {"git": git_revision(), "argv": sys.argv, "overrides": overrides,
-                                           "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "world": info.world})
+                                           "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "world": info.world,
+                                           **machine()})
     log.info("run dir %s (device %s, world %d)", run_dir, info.device, info.world)
     with tracking.start(cfg):
         timings = {}
