@@ -46,7 +46,7 @@ def test_detectors_take_the_scoring_regimes_k():
 def _run(tmp_path, name, attack, seed, threads, values):
     run = tmp_path / name
     run.mkdir()
-    cfg = {"seed": seed, "attack": {"_target_": f"clipbd.attacks.{attack}.X"} if attack else None,
+    cfg = {"seed": seed, "attack": {"_target_": f"clipbd.attacks.{attack}.BadNets"} if attack else None,
            "dataset": {"synthetic": {"seed": 1234 + seed}}}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     (run / "meta.json").write_text(json.dumps({"threads": threads, "cpu": "test cpu"}))
