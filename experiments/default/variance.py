@@ -32,13 +32,11 @@ GRID += [(128, 24, False), (256, 48, False), (512, 32, False), (512, 64, False),
 
 
 def load_run(run: Path) -> dict:
-    """Concatenate the run's extraction groups, keeping the group boundary (scoring batches never
-    cross a group)."""
+    """The run's extraction groups (scoring batches never cross a group)."""
     groups = []
     for p in sorted((run / "shards").glob("extract-*.h5")):
         with h5py.File(p, "r") as f:
-            groups.append({"image": f["image_emb"][:], "poisoned": f["poisoned"][:].astype(bool),
-                           "batch": f["score_batch"][:]})
+            groups.append({"image": f["image_emb"][:], "poisoned": f["poisoned"][:].astype(bool)})
     return {"groups": groups, "metrics": json.loads((run / "metrics.json").read_text()),
             "loss": _final_loss(run / "train_loss.csv")}
 
@@ -50,18 +48,26 @@ def _final_loss(path: Path) -> float:
     return float(np.mean(vals))
 
 
+def batches(groups: list[dict], batch_size: int):
+    """(group, rows) of every scoring batch, cut as clipbd.scoring's in-batch mode cuts them: each
+    group's rows in index order into round(n / batch_size) near-equal batches."""
+    for g in groups:
+        n = len(g["image"])
+        for rows in np.array_split(np.arange(n), max(1, int(round(n / batch_size)))):
+            yield g, rows
+
+
 def rescore(groups: list[dict], batch_size: int, k: int, normalise: bool) -> dict[str, float]:
-    """AUROC of each method with batches cut as clipbd.scoring.score_in_batch cuts them."""
+    """AUROC of each method, in-batch at (batch_size, k)."""
     scores = {m: [] for m in METHODS}
     labels = []
-    for g in groups:
-        x = g["image"] / np.linalg.norm(g["image"], axis=1, keepdims=True) if normalise else g["image"]
-        n = len(x)
-        for rows in np.array_split(np.arange(n), max(1, int(round(n / batch_size)))):
-            s = knn_scores(x[rows], k=k, methods=METHODS)
-            for m in METHODS:
-                scores[m].append(s[m])
-        labels.append(g["poisoned"])
+    for g, rows in batches(groups, batch_size):
+        x = g["image"][rows]
+        x = x / np.linalg.norm(x, axis=1, keepdims=True) if normalise else x
+        s = knn_scores(x, k=k, methods=METHODS)
+        for m in METHODS:
+            scores[m].append(s[m])
+        labels.append(g["poisoned"][rows])
     y = np.concatenate(labels)
     return {m: roc_auc_score(y, np.concatenate(v)) for m, v in scores.items()}
 
@@ -75,14 +81,12 @@ def collapse(groups: list[dict], k: int = 16) -> dict[str, float]:
     off = cos[~np.eye(len(p), dtype=bool)]
     norm_ratio = np.linalg.norm(p, axis=1).mean() / np.linalg.norm(c, axis=1).mean()
     spread = np.linalg.norm(p - p.mean(0), axis=1).mean()  # poisons' distance to their centroid
-    # clean in-batch k-distance at the run's own setting (score batches as written by extract)
+    # clean in-batch k-distance in 128-batches at k = 16
     kd_clean, kd_poison = [], []
-    for g in groups:
-        for b in np.unique(g["batch"]):
-            rows = g["batch"] == b
-            s = knn_scores(g["image"][rows], k=k, methods=("kdist",))["kdist"]
-            kd_clean.append(s[~g["poisoned"][rows]])
-            kd_poison.append(s[g["poisoned"][rows]])
+    for g, rows in batches(groups, 128):
+        s = knn_scores(g["image"][rows], k=k, methods=("kdist",))["kdist"]
+        kd_clean.append(s[~g["poisoned"][rows]])
+        kd_poison.append(s[g["poisoned"][rows]])
     kd_c, kd_p = np.concatenate(kd_clean), np.concatenate(kd_poison)
     return {"poison_cos": float(off.mean()), "norm_ratio": float(norm_ratio),
             "poison_spread": float(spread), "clean_kdist_median": float(np.median(kd_c)),
@@ -90,23 +94,24 @@ def collapse(groups: list[dict], k: int = 16) -> dict[str, float]:
             "spread_over_clean_kdist": float(spread / np.median(kd_c))}
 
 
-def by_count(groups: list[dict], k: int = 16) -> dict[int, tuple[int, float]]:
-    """DAO AUROC of the poisons in batches holding c poisons (c binned), against all clean samples."""
-    dao, lab, cnt = [], [], []
-    for g in groups:
-        for b in np.unique(g["batch"]):
-            rows = g["batch"] == b
-            s = knn_scores(g["image"][rows], k=k, methods=("dao",))["dao"]
-            dao.append(s)
-            lab.append(g["poisoned"][rows])
-            cnt.append(np.full(rows.sum(), g["poisoned"][rows].sum()))
-    dao, lab, cnt = map(np.concatenate, (dao, lab, cnt))
+FRACTION_BINS = ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 9.0))
+
+
+def by_count(groups: list[dict], batch_size: int, k: int) -> dict[str, tuple[int, float]]:
+    """DAO AUROC of the poisons whose scoring batch holds c poisons, binned by c / k, against all
+    clean samples: how detection degrades as the other poisons fill a poison's k neighbours."""
+    dao, lab, frac = [], [], []
+    for g, rows in batches(groups, batch_size):
+        dao.append(knn_scores(g["image"][rows], k=k, methods=("dao",))["dao"])
+        lab.append(g["poisoned"][rows])
+        frac.append(np.full(len(rows), g["poisoned"][rows].sum() / k))
+    dao, lab, frac = map(np.concatenate, (dao, lab, frac))
     out = {}
-    for lo, hi in ((0, 4), (4, 7), (7, 10), (10, 99)):
-        sel = lab & (cnt >= lo) & (cnt < hi)
+    for lo, hi in FRACTION_BINS:
+        sel = lab & (frac >= lo) & (frac < hi)
         if sel.sum():
             y = np.r_[np.ones(sel.sum()), np.zeros((~lab).sum())]
-            out[f"{lo}-{hi - 1}"] = (int(sel.sum()), roc_auc_score(y, np.r_[dao[sel], dao[~lab]]))
+            out[f"{lo:.2f}-{hi:.2f}" if hi < 9 else f">= {lo:.2f}"] = (int(sel.sum()), roc_auc_score(y, np.r_[dao[sel], dao[~lab]]))
     return out
 
 
@@ -116,26 +121,28 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("experiments/default/variance"))
     args = ap.parse_args()
     md = ["# Detection variance across runs (generated by experiments/default/variance.py)", ""]
-    head = "| run | ASR | clean acc | final loss | DAO | k-dist | SLOF | poison cos | norm ratio | spread / clean k-dist | poisons per batch (mean, max) |"
+    head = ("| run | ASR | clean acc | final loss | DAO (as run) | k-dist (as run) | SLOF (as run) | poison cos | norm ratio | "
+            "spread / clean k-dist | poisons per 128-batch (mean, max) |")
     md += [head, "|" + "---|" * (head.count("|") - 1)]
     grid_rows, count_rows = [], []
     for run in args.runs:
         r = load_run(run)
         m = r["metrics"]
         col = collapse(r["groups"])
-        per_batch = [g["poisoned"][g["batch"] == b].sum() for g in r["groups"] for b in np.unique(g["batch"])]
+        per_batch = [g["poisoned"][rows].sum() for g, rows in batches(r["groups"], 128)]
         md.append(f"| {run.name} | {m['attack/asr']:.3f} | {m['eval/clean_acc']:.3f} | {r['loss']:.3f} | "
                   f"{m['detect/dao/auroc']:.3f} | {m['detect/kdist/auroc']:.3f} | {m['detect/slof/auroc']:.3f} | "
                   f"{col['poison_cos']:.3f} | {col['norm_ratio']:.2f} | {col['spread_over_clean_kdist']:.2f} | "
                   f"{np.mean(per_batch):.1f}, {max(per_batch)} |")
-        count_rows.append((run.name, by_count(r["groups"])))
+        for bs, k in ((128, 16), (1024, 128)):
+            count_rows.append((f"{run.name} ({bs}, k {k})", by_count(r["groups"], bs, k)))
         for bs, k, norm in GRID:
             a = rescore(r["groups"], bs, k, norm)
             grid_rows.append({"run": run.name, "batch_size": bs, "k": k, "normalised": norm,
                               **{m: round(v, 4) for m, v in a.items()}})
-    md += ["", "## DAO AUROC by the number of poisons in the poison's scoring batch (batch 128, k 16)", ""]
-    bins = sorted({b for _, d in count_rows for b in d}, key=lambda s: int(s.split("-")[0]))
-    md += ["| run | " + " | ".join(f"{b} poisons (n, AUROC)" for b in bins) + " |",
+    md += ["", "## DAO AUROC by (poisons in the poison's scoring batch) / k", ""]
+    bins = [f"{lo:.2f}-{hi:.2f}" if hi < 9 else f">= {lo:.2f}" for lo, hi in FRACTION_BINS]
+    md += ["| run (batch, k) | " + " | ".join(f"{b} (n, AUROC)" for b in bins) + " |",
            "|---|" + "---|" * len(bins)]
     for name, d in count_rows:
         md.append(f"| {name} | " + " | ".join(f"{d[b][0]}, {d[b][1]:.3f}" if b in d else "–" for b in bins) + " |")
