@@ -11,7 +11,9 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-STAGE_ORDER = ("data", "poison", "pretrain", "extract", "reduce", "evaluate")
+# Every stage, in the order a run executes them; `filter` and `invert` run only when listed.
+STAGE_ORDER = ("data", "poison", "filter", "pretrain", "extract", "reduce", "report", "evaluate", "invert")
+DEFAULT_STAGES = ("data", "poison", "pretrain", "extract", "reduce", "report", "evaluate")
 
 
 @dataclass
@@ -60,6 +62,18 @@ class ReportConfig:
     # The detector ranked.csv is sorted by (descending); null: the first configured detector whose
     # higher score reliably means more suspicious (clipbd.detectors.ranking.sort_detector).
     sort_by: Optional[str] = None
+
+
+@dataclass
+class FilterConfig:
+    """Filter-and-retrain (stage `filter`, conf/experiment/filter_retrain.yaml): train without the top
+    `drop_fraction` of a finished run's samples by `detector`. kept = 1 - drop_fraction (the paper's
+    safe_mode / safe_percentage is the kept fraction). Null source_run: nothing is excluded, and the
+    pretrain stage's key is what it was before filtering existed."""
+
+    source_run: Optional[str] = None  # finished run dir with scores.h5, same data/attack/seed as this run
+    detector: str = "dao"  # a detector scored in the source run's scores.h5
+    drop_fraction: float = 0.0  # fraction of training samples dropped, most suspicious first
 
 
 @dataclass
@@ -146,13 +160,14 @@ class LoggingConfig:
 class ClipbdConfig:
     name: str = "default"  # experiment name: run-dir prefix and W&B group
     seed: int = 0
-    stages: List[str] = field(default_factory=lambda: list(STAGE_ORDER))
+    stages: List[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     force: List[str] = field(default_factory=list)  # stages to re-run even if complete
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     run_dir: str = "${hydra:runtime.output_dir}"
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     data: DataConfig = field(default_factory=DataConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     attack: Optional[Dict[str, Any]] = None  # `_target_` node (conf/attack/); null: no poisoning
     # `_target_` node (conf/encoder_attack/) for `python -m clipbd.attacks.encoder`; null elsewhere
