@@ -62,6 +62,35 @@ class ReportConfig:
     # The detector ranked.csv is sorted by (descending); null: the first configured detector whose
     # higher score reliably means more suspicious (clipbd.detectors.ranking.sort_detector).
     sort_by: Optional[str] = None
+    # The `report` stage (report/index.html, report/clusters.csv; docs/report.md). Not part of
+    # reduce's key (REPORT_PAGE_KEYS): they change the page only.
+    top_n: int = 200  # samples shown, most suspicious first
+    # Two of the top samples are one cluster when their image embeddings have cosine > this (or
+    # their captions match after normalisation); a cluster's corpus share counts the samples this
+    # close to its centroid.
+    cluster_threshold: float = 0.95
+    bins: int = 40  # score histogram bins
+    wandb_thumbs: int = 16  # thumbnails of the top samples also logged to W&B (with the table)
+
+
+REPORT_PAGE_KEYS = ("top_n", "cluster_threshold", "bins", "wandb_thumbs")
+
+
+@dataclass
+class InvertConfig:
+    """Trigger inversion for a caption (stage `invert`, clipbd.inspect.invert; docs/report.md):
+    a mask and pattern (Neural Cleanse style) that make held-out images match `caption`."""
+
+    caption: Optional[str] = None  # the caption to invert; "target": the poison plan's target caption
+    cluster: Optional[int] = None  # or a cluster id of report/clusters.csv (its most common caption)
+    control: Optional[str] = "auto"  # a control caption inverted alike; auto: a clean class's prompt; null: none
+    steps: int = 300
+    lr: float = 0.1
+    batch_size: int = 64
+    lam: float = 1.0e-3  # initial weight of the mask's L1 norm (pixels)
+    lam_up: float = 1.5  # lambda schedule: times this while ASR on the batch >= asr_goal, divided otherwise
+    asr_goal: float = 0.95
+    num_images: int = 512  # clean held-out images: the first half optimises, the second half measures ASR
 
 
 @dataclass
@@ -168,6 +197,7 @@ class ClipbdConfig:
     data: DataConfig = field(default_factory=DataConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
+    invert: InvertConfig = field(default_factory=InvertConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     attack: Optional[Dict[str, Any]] = None  # `_target_` node (conf/attack/); null: no poisoning
     # `_target_` node (conf/encoder_attack/) for `python -m clipbd.attacks.encoder`; null elsewhere

@@ -18,15 +18,19 @@ import numpy as np
 from omegaconf import DictConfig
 
 from clipbd import dist, scoring
+from clipbd.config import REPORT_PAGE_KEYS
 from clipbd.attacks.plan import PoisonLookup
 from clipbd.detectors.ranking import sort_detector
 from clipbd.data.sources import load_index
 from clipbd.metrics import detection_metrics
 from clipbd.plots import roc_plot, score_histograms
+from clipbd.rundir import update_metrics  # noqa: F401 - re-exported (evaluate imports it from here)
 from clipbd.stages.extract import bank_path, build_detectors, group_paths
 from clipbd.utils import atomic_path, read_json, write_json
 
 DEPENDS = ("detector", "scoring", "seed", "report")
+# the report stage's own settings: they change the page, not scores.h5 or ranked.csv
+UNKEYED = tuple(f"report.{k}" for k in REPORT_PAGE_KEYS)
 UPSTREAM = ("data", "poison", "extract")
 log = logging.getLogger("clipbd")
 
@@ -119,15 +123,6 @@ def write_ranked(path: Path, data: dict, labels: np.ndarray | None, detectors: l
 
 def _s(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
-
-
-def update_metrics(run_dir: Path, prefix: str, new: dict) -> dict:
-    """Replace every `prefix*` key of metrics.json by `new` (other stages' keys are kept)."""
-    path = run_dir / "metrics.json"
-    old = read_json(path) if path.exists() else {}
-    merged = {k: v for k, v in old.items() if not k.startswith(prefix)} | new
-    write_json(path, dict(sorted(merged.items())))
-    return merged
 
 
 def load_embeddings(paths: list[Path], order: np.ndarray) -> dict[str, np.ndarray]:
