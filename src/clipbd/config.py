@@ -12,7 +12,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 
 # Every stage, in the order a run executes them; `filter` and `invert` run only when listed.
-STAGE_ORDER = ("data", "poison", "filter", "pretrain", "extract", "reduce", "report", "evaluate", "invert")
+# invert sits before report so that a report run after it shows the inverted trigger.
+STAGE_ORDER = ("data", "poison", "filter", "pretrain", "extract", "reduce", "invert", "report", "evaluate")
 DEFAULT_STAGES = ("data", "poison", "pretrain", "extract", "reduce", "report", "evaluate")
 
 
