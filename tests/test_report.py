@@ -50,10 +50,18 @@ def test_corpus_counts_stream_equals_brute_force(tmp_path):
         with h5py.File(files[-1], "w") as f:
             f["image_emb"] = part
     cents = rep._unit(emb[[0, 1000, 4000]])
+    caps = np.array([f"cap {i % 7}" for i in range(5000)])
+    for i, part in enumerate(np.array_split(caps, 3)):
+        with h5py.File(files[i], "a") as f:
+            f["caption"] = part.astype(object)
     counts, total = rep.corpus_counts(files, cents, 0.9, chunk=333)
     unit = rep._unit(emb)
-    assert total == 5000 and counts.tolist() == ((unit @ cents.T) > 0.9).sum(0).tolist()
+    near = (unit @ cents.T) > 0.9
+    assert total == 5000 and counts.tolist() == near.sum(0).tolist()
     assert counts[0] >= 300
+    by_caption, _ = rep.corpus_counts(files, cents, 0.9, captions=[{"cap 3"}, set(), {"cap 1", "cap 2"}], chunk=333)
+    want = near | np.stack([caps == "cap 3", np.zeros(5000, bool), np.isin(caps, ["cap 1", "cap 2"])], 1)
+    assert by_caption.tolist() == want.sum(0).tolist()
 
 
 def test_streaming_histogram_counts_every_finite_score():

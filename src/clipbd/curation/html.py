@@ -27,7 +27,7 @@ th{background:#eee}td.t{text-align:left}
 .card.poison{border:2px solid #d22;background:#fff3f3}
 .badge{background:#d22;color:#fff;border-radius:3px;padding:0 3px;font-weight:bold}
 .sc{color:#555}.hist{display:inline-block;margin:0 1em 1em 0;vertical-align:top}
-.inv img{width:128px;height:128px;image-rendering:pixelated;margin-right:6px}
+.inv img{height:128px;width:auto;image-rendering:pixelated;margin-right:6px}
 """
 
 _SCRIPT = """
@@ -90,7 +90,9 @@ def render(*, title: str, top: TopRows, clusters: Sequence[Cluster], thumbs: dic
     parts = [f"<h1>{escape(title)}</h1>",
              f'<p id="summary" data-count="{n}">Top <b>{n}</b> of {corpus_size} training samples by '
              f"<b>{escape(sort_by)}</b> (higher = more suspicious), in <b>{len(clusters)}</b> clusters "
-             f"(near-duplicate images: cosine &gt; {threshold:g}, or the same caption after normalisation)"
+             f"(near-duplicate images: cosine &gt; {threshold:g}, or the same caption after normalisation; a "
+             f"cluster's share of the corpus counts the samples joined to it by the same rule, images compared "
+             f"with its centroid)"
              + (f"; <b>{n_poison}</b> of them are known poisons (red)" if n_poison is not None else "") + ".</p>"]
     shown = {k: v for k, v in metrics.items() if k.split("/")[0] in ("detect", "attack", "eval", "inspect")
              and isinstance(v, (int, float))}
@@ -102,7 +104,7 @@ def render(*, title: str, top: TopRows, clusters: Sequence[Cluster], thumbs: dic
     rows = [(c.id, c.size_top, c.corpus_count, f"{100 * c.share:.3f}%", c.rows[0] + 1,
              "" if c.n_poison is None else c.n_poison, c.caption) for c in clusters if c.size_top > 1]
     parts += ["<h2>Clusters of more than one sample</h2>",
-              _table(rows, ["cluster", "in top N", "near-duplicates in corpus", "share of corpus", "best rank",
+              _table(rows, ["cluster", "in top N", "like it in corpus", "share of corpus", "best rank",
                             "known poisons", "caption (most common)"]) if rows else "<p>none</p>"]
     if inversion:
         parts.append("<h2>Trigger inversion</h2>")
@@ -116,7 +118,7 @@ def render(*, title: str, top: TopRows, clusters: Sequence[Cluster], thumbs: dic
         cards = "".join(_card(top, r, thumbs[int(top.index[r])], sort_by) for r in c.rows)
         poison = f", {c.n_poison} known poisons" if c.n_poison else ""
         parts.append(f'<div class="cluster" data-cluster="{c.id}"><h3>cluster {c.id}: {c.size_top} in the top N, '
-                     f'{c.corpus_count} near-duplicates in the corpus ({100 * c.share:.3f}%){poison} — '
+                     f'{c.corpus_count} like it in the corpus ({100 * c.share:.3f}%){poison} — '
                      f'“{escape(c.caption)}”</h3><div class="grid">{cards}</div></div>')
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
             f'<style>{_STYLE}</style><script>{_SCRIPT}</script></head><body>{"".join(parts)}</body></html>')

@@ -176,18 +176,27 @@ def centroids(image_emb: np.ndarray, cluster: np.ndarray) -> np.ndarray:
 
 
 def corpus_counts(extract_files: Sequence[Path], cents: np.ndarray, threshold: float,
-                  chunk: int = 65536) -> tuple[np.ndarray, int]:
-    """How many samples of the whole corpus have an image embedding within cosine > `threshold` of
-    each centroid [C, D]; one streaming pass over the extraction files, `chunk` rows at a time.
-    Returns (counts [C], corpus size)."""
+                  captions: Sequence[set[str]] | None = None, chunk: int = 65536) -> tuple[np.ndarray, int]:
+    """How many samples of the whole corpus belong to each cluster by the clustering's own rule: an
+    image embedding within cosine > `threshold` of the cluster's centroid (cents [C, D]), or a
+    caption that normalises to one of the cluster's (`captions[c]`, sets of normalised captions).
+    One streaming pass over the extraction files, `chunk` rows at a time. Returns (counts [C], N)."""
     counts, total = np.zeros(len(cents), dtype=np.int64), 0
+    owner: dict[str, list[int]] = {}
+    for c, caps in enumerate(captions or []):
+        for cap in caps:
+            owner.setdefault(cap, []).append(c)
     for p in extract_files:
         with h5py.File(p, "r") as f:
             ds = f["image_emb"]
             for lo in range(0, ds.shape[0], chunk):
-                e = _unit(ds[lo:lo + chunk])
-                counts += ((e @ cents.T.astype(np.float32)) > threshold).sum(0)
-                total += len(e)
+                hit = (_unit(ds[lo:lo + chunk]) @ cents.T.astype(np.float32)) > threshold  # [b, C]
+                if owner:
+                    for i, cap in enumerate(f["caption"][lo:lo + chunk]):
+                        for c in owner.get(normalise_caption(_s(cap)), ()):
+                            hit[i, c] = True
+                counts += hit.sum(0)
+                total += len(hit)
     return counts, total
 
 

@@ -134,8 +134,8 @@ def main(cfg: DictConfig) -> dict[str, Path]:
            "labels": labels, "encode": lambda x: bundle.model.encode_image(bundle.normalize(x))}
     captions, own_name = target_captions(cfg, run_dir)
     rows = [_one("target", captions, own_name, ctx, out_dir)]
-    control = _control(cfg, classes, own_name or candidate_classes(classes, captions[0])[1] and
-                       classes[candidate_classes(classes, captions[0])[1]])
+    own = candidate_classes(classes, captions[0])[1]
+    control = _control(cfg, classes, own_name if own_name is not None else None if own is None else classes[own])
     if control is not None:
         rows.append(_one("control", control, None, ctx, out_dir))
     metrics = {f"inspect/invert/{r['role']}/{k}": float(r[k]) for r in rows

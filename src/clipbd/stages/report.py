@@ -65,7 +65,10 @@ def main(cfg: DictConfig) -> dict[str, Path]:
     sort_by = _sort_by(cfg, scores_h5)
     top = rep.load_top(scores_h5, extract_files, sort_by, min(rc.top_n, len(index)))
     top.cluster = rep.cluster_rows(top.image_emb, top.caption, rc.cluster_threshold)
-    counts, corpus = rep.corpus_counts(extract_files, rep.centroids(top.image_emb, top.cluster), rc.cluster_threshold)
+    captions = [{rep.normalise_caption(top.caption[r]) for r in range(len(top.index)) if top.cluster[r] == c}
+                for c in range(int(top.cluster.max()) + 1)]
+    counts, corpus = rep.corpus_counts(extract_files, rep.centroids(top.image_emb, top.cluster), rc.cluster_threshold,
+                                       captions)
     clusters = rep.summarise(top, counts, corpus)
     with h5py.File(scores_h5, "r") as f:
         labels = f["is_poison"] if "is_poison" in f else None
