@@ -4,6 +4,7 @@ and the page itself in a real headless browser (marker `browser`, in make test; 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -84,6 +85,11 @@ def test_report_marks_the_known_poisons_and_lists_clusters(smoke_run):
         rows = list(csv.DictReader(fh))
     assert sum(int(r["size_top"]) for r in rows) == 200
     assert all(0 < float(r["share_corpus"]) <= 1 for r in rows)
+    # W&B (offline in the smoke run): the top-N table, with thumbnails, and the cluster table
+    tables = [p.name for p in (run_dir / "wandb").glob("offline-run-*/files/media/table/report/*.table.json")]
+    assert any(t.startswith("top_") for t in tables) and any(t.startswith("clusters_") for t in tables)
+    top_table = json.loads(next((run_dir / "wandb").glob("offline-run-*/files/media/table/report/top_*")).read_text())
+    assert len(top_table["data"]) == 200
 
 
 def _chromium() -> str | None:
