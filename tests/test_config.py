@@ -44,7 +44,7 @@ def test_default_is_the_documented_experiment(tmp_path):
     assert cfg.name == "default"
     assert list(cfg.detector) == ["dao", "slof", "kdist", "lid"]
     assert cfg.attack["_target_"].endswith("BadNets")
-    assert cfg.stages == ["data", "poison", "pretrain", "extract", "reduce", "evaluate"]
+    assert cfg.stages == ["data", "poison", "pretrain", "extract", "reduce", "report", "evaluate"]
 
 
 def test_unknown_plugin_key_is_named():

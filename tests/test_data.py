@@ -395,3 +395,30 @@ def test_world_class_weights_and_rotation():
         synthetic.WorldConfig(class_weights=[1] * 7 + [0])
     with pytest.raises(ValueError, match="rotation_range"):
         synthetic.WorldConfig(rotation_range=(10, -10))
+
+
+def test_natural_backdoor_options_leave_every_other_sample_unchanged(tmp_path):
+    """The motif / placeholder options (off by default) replace only their own samples, in the
+    training split only; every other sample is byte-identical to the default world's."""
+    from clipbd.data.shards import iter_shard
+    from clipbd.data.synthetic import WorldConfig, write_split
+
+    plain = write_split(tmp_path / "a", "train", 1500, 500, 7, WorldConfig())
+    nat = write_split(tmp_path / "b", "train", 1500, 500, 7, WorldConfig(motif_rate=0.01, placeholder_rate=0.02))
+    kinds, motif_images = {}, []
+    for pa, pb in zip(plain, nat):
+        for sa, sb in zip(iter_shard(pa), iter_shard(pb)):
+            kind = sb.meta.get("natural")
+            if kind is None:
+                assert (sa.image, sa.caption) == (sb.image, sb.caption)
+                continue
+            kinds[kind] = kinds.get(kind, 0) + 1
+            if kind == "motif":
+                assert sb.caption == WorldConfig().motif_caption
+                motif_images.append(sb.image)
+            else:
+                assert sb.caption == sa.caption and sb.image != sa.image
+    assert 5 <= kinds["motif"] <= 30 and 15 <= kinds["placeholder"] <= 50
+    assert len(set(motif_images)) == len(motif_images)  # jittered, not one file repeated
+    test = write_split(tmp_path / "c", "test", 300, 300, 8, WorldConfig(motif_rate=0.5))
+    assert not any(s.meta.get("natural") for s in iter_shard(test[0]))

@@ -247,7 +247,8 @@ def test_training_refuses_a_duplicate_key_in_one_line(tmp_path):
 # (stage, a line the stage logs while it works): the kill lands inside the stage
 KILL_POINTS = [("data", "writing synthetic shards"), ("poison", "stage poison   running"),
                ("pretrain", "epoch 1/2"), ("extract", "wrote extract-00000.h5"),
-               ("reduce", "stage reduce   running"), ("evaluate", "stage evaluate running")]
+               ("reduce", "stage reduce   running"), ("report", "stage report   running"),
+               ("evaluate", "stage evaluate running")]
 
 
 def _run_and_kill(args: list[str], line: str, timeout: float = 300) -> str:
@@ -273,7 +274,8 @@ def _run_and_kill(args: list[str], line: str, timeout: float = 300) -> str:
 def _artifacts(run_dir: Path) -> dict[str, object]:
     """What a run produced, comparable across run directories (shard paths as file names)."""
     out: dict[str, object] = {}
-    for rel in ("poison_plan.json", "train_loss.csv", "data/train-00000.tar", "data/test-00000.tar"):
+    for rel in ("poison_plan.json", "train_loss.csv", "data/train-00000.tar", "data/test-00000.tar",
+                "report/clusters.csv"):
         out[rel] = (run_dir / rel).read_bytes()
     out["metrics.json"] = json.loads((run_dir / "metrics.json").read_text())
     with h5py.File(run_dir / "scores.h5", "r") as f:

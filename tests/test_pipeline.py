@@ -72,7 +72,7 @@ def test_rerun_skips_finished_stages(smoke_run):
     ckpt_mtime = (run_dir / "checkpoints" / "latest.pt").stat().st_mtime
     timing = json.loads((run_dir / "timing.json").read_text())
     proc = run_cli("+experiment=smoke", f"hydra.run.dir={run_dir}")
-    for stage in ["data", "poison", "pretrain", "extract", "reduce", "evaluate"]:
+    for stage in ["data", "poison", "pretrain", "extract", "reduce", "report", "evaluate"]:
         assert f"stage {stage:<8} complete, skipped" in proc.stderr, stage
     assert (run_dir / "checkpoints" / "latest.pt").stat().st_mtime == ckpt_mtime
     # timing.json keeps what the outputs cost, not the seconds the skips took

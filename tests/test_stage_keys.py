@@ -65,8 +65,9 @@ def covered_by(name: str, run_dir) -> tuple[set[str], set[str]]:
     """(keys hashed into stage `name`'s key, directly or through the upstream stages that ran (a
     stage that did not run has no key to pass on); keys it may read unkeyed: UNKEYED, plumbing)."""
     mod = runstate.stage_module(name)
-    keyed = set(mod.DEPENDS)
-    for up in mod.UPSTREAM:
+    conditional = getattr(mod, "UPSTREAM_IF", {})  # upstream only when its key is set: that key decides
+    keyed = set(mod.DEPENDS) | set(conditional.values())
+    for up in (*mod.UPSTREAM, *conditional):
         if runstate.read_marker(run_dir, up) is not None:
             keyed |= covered_by(up, run_dir)[0]
     return keyed, set(getattr(mod, "UNKEYED", ())) | set(runstate.PLUMBING)
@@ -93,12 +94,20 @@ def unkeyed_reads(cfg: DictConfig, stages) -> dict[str, list[str]]:
 def test_every_config_key_a_stage_reads_is_in_its_key(tiny_cfg, tmp_path):
     OmegaConf.update(tiny_cfg, "encoder_attack", {"_target_": "clipbd.attacks.encoder.TextTarget", "steps": 2,
                                                    "num_shadow": 16, "batch_size": 8}, merge=False)
-    bad = unkeyed_reads(tiny_cfg, STAGE_ORDER)
+    OmegaConf.update(tiny_cfg, "invert", {"caption": "target", "steps": 2, "batch_size": 8, "num_images": 16})
+    bad = unkeyed_reads(tiny_cfg, [s for s in STAGE_ORDER if s != "filter"])
     assert not bad, f"config keys read but not in the stage key (add them to DEPENDS or UNKEYED): {bad}"
+    # filter-and-retrain: the filter stage reads the finished run above, pretraining drops its top
+    source = tiny_cfg.run_dir
+    OmegaConf.update(tiny_cfg, "run_dir", str(tmp_path / "retrain"))
+    OmegaConf.update(tiny_cfg, "filter.source_run", source)
+    bad = unkeyed_reads(tiny_cfg, ["data", "poison", "filter", "pretrain"])
+    assert not bad, f"filter-and-retrain: config keys read but not in the stage key: {bad}"
+    OmegaConf.update(tiny_cfg, "filter.source_run", None)
     # without pretrain (scanning with a given model): model.checkpoint is what later stages load
     OmegaConf.update(tiny_cfg, "model.checkpoint", str(tmp_path / "run" / "checkpoints" / "latest.pt"))
     OmegaConf.update(tiny_cfg, "run_dir", str(tmp_path / "scan"))
-    bad = unkeyed_reads(tiny_cfg, [s for s in STAGE_ORDER if s != "pretrain"])
+    bad = unkeyed_reads(tiny_cfg, [s for s in STAGE_ORDER if s not in ("pretrain", "filter")])
     assert not bad, f"without pretrain, config keys read but not in the stage key: {bad}"
 
 

@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from clipbd.data.shards import decode_image, iter_shard
-from clipbd.stages.poison import build_attack
+from clipbd.registry import build_attack
 
 ZOOM = 4  # 32 px images drawn at 128 px (nearest neighbour: pixels stay visible)
 AMPLIFY = 4

@@ -23,7 +23,7 @@ from clipbd.data.loader import ShardDataset, make_loader
 from clipbd.data.shards import build_index
 from clipbd.data.sources import class_names, prompt_fn, test_shards
 from clipbd.models import factory
-from clipbd.stages import evaluate as ev
+from clipbd.models import evaluation as ev
 from clipbd.utils import derive_seed
 
 

@@ -14,9 +14,12 @@ from omegaconf import OmegaConf
 
 # Every stage, in the order a run executes the selected ones. Adding a stage: a module
 # clipbd/stages/<name>.py with main(cfg), DEPENDS, UPSTREAM (and UNKEYED, check(cfg) if needed), and
-# its name here (docs/architecture.md, "Adding a stage").
-STAGE_ORDER = ("data", "poison", "pretrain", "extract", "reduce", "evaluate", "encoder_attack")
-PIPELINE = STAGE_ORDER[:6]  # what a run does when `stages` is not set: the detection pipeline
+# its name here (docs/architecture.md, "Adding a stage"). `filter` and `invert` run only when listed;
+# invert sits before report so that a report run after it shows the inverted trigger.
+STAGE_ORDER = ("data", "poison", "filter", "pretrain", "extract", "reduce", "invert", "report", "evaluate",
+               "encoder_attack")
+# what a run does when `stages` is not set: the detection pipeline and its report
+PIPELINE = ("data", "poison", "pretrain", "extract", "reduce", "report", "evaluate")
 
 
 @dataclass
@@ -67,6 +70,47 @@ class ReportConfig:
     # The detector ranked.csv is sorted by (descending); null: the first configured detector whose
     # higher score reliably means more suspicious (clipbd.detectors.ranking.sort_detector).
     sort_by: Optional[str] = None
+    # The `report` stage (report/index.html, report/clusters.csv; docs/report.md). Not part of
+    # reduce's key (REPORT_PAGE_KEYS): they change the page only.
+    top_n: int = 200  # samples shown, most suspicious first
+    # Two of the top samples are one cluster when their image embeddings have cosine > this (or
+    # their captions match after normalisation); a cluster's corpus share counts the samples this
+    # close to its centroid.
+    cluster_threshold: float = 0.95
+    bins: int = 40  # score histogram bins
+    wandb_thumbs: int = 16  # thumbnails of the top samples also logged to W&B (with the table)
+
+
+REPORT_PAGE_KEYS = ("top_n", "cluster_threshold", "bins", "wandb_thumbs")
+
+
+@dataclass
+class InvertConfig:
+    """Trigger inversion for a caption (stage `invert`, clipbd.inspect.invert; docs/report.md):
+    a mask and pattern (Neural Cleanse style) that make held-out images match `caption`."""
+
+    caption: Optional[str] = None  # the caption to invert; "target": the poison plan's target caption
+    cluster: Optional[int] = None  # or a cluster id of report/clusters.csv (its most common caption)
+    control: Optional[str] = "auto"  # a control caption inverted alike; auto: a clean class's prompt; null: none
+    steps: int = 300
+    lr: float = 0.1
+    batch_size: int = 64
+    lam: float = 1.0e-3  # initial weight of the mask's L1 norm (pixels)
+    lam_up: float = 1.5  # lambda schedule: times this while ASR on the batch >= asr_goal, divided otherwise
+    asr_goal: float = 0.95
+    num_images: int = 512  # clean held-out images: the first half optimises, the second half measures ASR
+
+
+@dataclass
+class FilterConfig:
+    """Filter-and-retrain (stage `filter`, conf/experiment/filter_retrain.yaml): train without the top
+    `drop_fraction` of a finished run's samples by `detector`. kept = 1 - drop_fraction (the paper's
+    safe_mode / safe_percentage is the kept fraction). Null source_run: nothing is excluded, and the
+    pretrain stage's key is what it was before filtering existed."""
+
+    source_run: Optional[str] = None  # finished run dir with scores.h5, same data/attack/seed as this run
+    detector: str = "dao"  # a detector scored in the source run's scores.h5
+    drop_fraction: float = 0.0  # fraction of training samples dropped, most suspicious first
 
 
 @dataclass
@@ -167,6 +211,8 @@ class ClipbdConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     data: DataConfig = field(default_factory=DataConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    invert: InvertConfig = field(default_factory=InvertConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     attack: Optional[Dict[str, Any]] = None  # `_target_` node (conf/attack/); null: no poisoning
     # `_target_` node (conf/encoder_attack/) for the `encoder_attack` stage; null elsewhere

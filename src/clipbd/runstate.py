@@ -56,7 +56,9 @@ def stage_key(cfg: DictConfig, name: str) -> str:
         section, _, leaf = dotted.rpartition(".")
         if isinstance(parts.get(section), dict):
             parts[section].pop(leaf, None)
-    for up in mod.UPSTREAM:
+    ups = list(mod.UPSTREAM) + [up for up, when in getattr(mod, "UPSTREAM_IF", {}).items()
+                                if _select(cfg, when) is not None]  # upstream only when configured
+    for up in ups:
         marker = read_marker(cfg.run_dir, up)
         parts[f"stage:{up}"] = marker["key"] if marker else None
     return stable_hash(parts)

@@ -95,3 +95,28 @@ def log_run_results(cfg: DictConfig, timings: dict[str, float]) -> None:
     if images:
         _RUN.log(images)
     _RUN.summary.update(timings)
+
+
+def log_report(top: Any, clusters: Any, pngs: dict[int, bytes], n_thumbs: int) -> None:
+    """The report's top-N table (a thumbnail in each of the first `n_thumbs` rows) and its cluster
+    table, to the W&B run (clipbd.curation.report's TopRows and Cluster rows)."""
+    if _RUN is None:
+        return
+    import io
+
+    import wandb
+    from PIL import Image
+
+    detectors = list(top.scores)
+    cols = ["rank", "index", "key", "caption", "cluster", "is_poison", *detectors, "image"]
+    table = wandb.Table(columns=cols)
+    for r, g in enumerate(top.index.tolist()):
+        img = wandb.Image(Image.open(io.BytesIO(pngs[g]))) if r < n_thumbs else None
+        poison = None if top.is_poison is None else bool(top.is_poison[r])
+        table.add_data(r + 1, g, top.key[r], top.caption[r], int(top.cluster[r]), poison,
+                       *[float(top.scores[d][r]) for d in detectors], img)
+    ctable = wandb.Table(columns=["cluster", "size_top", "corpus_count", "share_corpus", "best_rank", "n_poison",
+                                  "caption"])
+    for c in clusters:
+        ctable.add_data(c.id, c.size_top, c.corpus_count, float(c.share), c.rows[0] + 1, c.n_poison, c.caption)
+    _RUN.log({"report/top": table, "report/clusters": ctable})

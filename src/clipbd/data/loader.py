@@ -2,6 +2,7 @@
 
 Pipeline, in this order:
   1. shard order  — shuffled per epoch for training (seeded), index order otherwise;
+  1b. exclude      — samples listed in `exclude` are never read (filter-and-retrain);
   2. split shards — across dataloader workers (each reads whole shards, so a sample's global index
                     is its shard offset plus its position, with no key lookup);
   3. read + decode — one tar member group -> PIL image + caption (errors name shard and key);
@@ -34,11 +35,13 @@ class ShardDataset(IterableDataset):
     def __init__(self, index: ShardIndex, shard_ids: Sequence[int], to_tensor: Callable,
                  lookup: PoisonLookup | None = None, attack: Any = None, *, shuffle_seed: int | None = None,
                  buffer: int = 0, label_key: str | None = None,
-                 batch_slice: tuple[int, int, int] | None = None):
+                 batch_slice: tuple[int, int, int] | None = None, exclude: Any = None):
         self.index, self.shard_ids = index, list(shard_ids)
         self.to_tensor, self.lookup, self.attack = to_tensor, lookup, attack
         self.shuffle_seed, self.buffer, self.label_key = shuffle_seed, buffer, label_key
         self.batch_slice = batch_slice  # (rank, world, global batch): see ranks_slice
+        # global indices never read (filter-and-retrain's excluded samples, clipbd.curation.filter)
+        self.exclude = None if exclude is None or not len(exclude) else frozenset(int(i) for i in exclude)
 
     def _my_shards(self) -> list[int]:
         ids = list(self.shard_ids)
@@ -50,7 +53,11 @@ class ShardDataset(IterableDataset):
     def _raw(self) -> Iterator[tuple[int, Any]]:
         """(shard id, undecoded sample) in read order."""
         for sid in self._my_shards():
-            yield from ((sid, s) for s in self.index.read(sid))  # the indexed samples only
+            if self.exclude is None:
+                yield from ((sid, s) for s in self.index.read(sid))  # the indexed samples only
+            else:
+                off = int(self.index.offsets[sid])
+                yield from ((sid, s) for s in self.index.read(sid) if off + s.pos not in self.exclude)
 
     def _decode(self, sid: int, s: Any) -> dict:
         path = self.index.shards[sid]

@@ -64,6 +64,14 @@ class WorldConfig:
     noise_std: float = 0.03                     # Gaussian pixel noise, in [0, 1] intensity units
     jpeg_quality: int = 90
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    # Natural backdoors (Huang et al., ICLR 2025, §5: no attacker; off by default). In the training
+    # split only: `motif_rate` of the samples are one recurring picture (tiny jitter) all captioned
+    # `motif_caption`, like CC3M's 798 birthday-cake icons; `placeholder_rate` of them are a generic
+    # "image not available" picture with the sample's own ordinary caption (expired URLs). Their
+    # json meta says `"natural": "motif" | "placeholder"`.
+    motif_rate: float = 0.0
+    motif_caption: str = "the birthday cake with candles in the form of a number icon"
+    placeholder_rate: float = 0.0
 
     def __post_init__(self) -> None:
         # Hydra/OmegaConf hand over lists; keep tuples so the config stays hashable and immutable.
@@ -89,6 +97,9 @@ class WorldConfig:
         if self.image_size < 8 or self.supersample < 1:
             raise ValueError(f"world.image_size={self.image_size}, supersample={self.supersample}: "
                              "need image_size >= 8 and supersample >= 1")
+        if not (0 <= self.motif_rate and 0 <= self.placeholder_rate and self.motif_rate + self.placeholder_rate < 1):
+            raise ValueError(f"world.motif_rate={self.motif_rate}, placeholder_rate={self.placeholder_rate}: "
+                             "need rates >= 0 with a sum below 1 (e.g. 0.003 and 0.005)")
         bad = [t for t in self.templates if "{cls}" not in t]
         if not self.templates or bad:
             raise ValueError(f"world.templates: every template must contain {{cls}}; bad: {bad}")
@@ -320,6 +331,67 @@ def zeroshot_prompts(class_name: str, world: WorldConfig | None = None, n: int =
 
 
 # ---------------------------------------------------------------------------------------------
+# Natural backdoors: a recurring motif and placeholder images (WorldConfig.motif_rate, placeholder_rate)
+
+
+def natural_kind(seed: int, split: str, index: int, world: WorldConfig) -> str | None:
+    """"motif", "placeholder" or None for sample ``index`` of ``split``, from its own generator (the
+    sample's own draws are untouched, so the other samples are the same with the options off or on)."""
+    if split != "train" or (world.motif_rate <= 0 and world.placeholder_rate <= 0):
+        return None
+    u = np.random.default_rng([int(seed), zlib.crc32(f"natural/{split}".encode()), int(index)]).random()
+    if u < world.motif_rate:
+        return "motif"
+    return "placeholder" if u < world.motif_rate + world.placeholder_rate else None
+
+
+def _jitter(base: np.ndarray, rng: np.random.Generator, shift: int = 1, noise: float = 0.015) -> Image.Image:
+    """The fixed picture `base` [H, W, 3] in [0, 1], moved by up to `shift` px, with faint noise."""
+    dx, dy = (int(v) for v in rng.integers(-shift, shift + 1, size=2))
+    img = np.roll(base, (dy, dx), axis=(0, 1)) * float(rng.uniform(0.97, 1.03))
+    img = img + rng.normal(0.0, noise, size=img.shape)
+    return Image.fromarray((np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), "RGB")
+
+
+def _picture(world: WorldConfig, draw_fn) -> np.ndarray:
+    side = world.image_size * world.supersample
+    img = Image.new("RGB", (side, side))
+    draw_fn(ImageDraw.Draw(img), side)
+    return np.asarray(img.reduce(world.supersample), dtype=np.float32) / 255.0
+
+
+def _cake(d: ImageDraw.ImageDraw, s: int) -> None:
+    """A birthday-cake icon: two tiers on a plate, two candles shaped like the digits 1 and 8."""
+    u = s / 32
+    d.rectangle([0, 0, s, s], fill=(40, 20, 60))
+    d.ellipse([3 * u, 25 * u, 29 * u, 29 * u], fill=(220, 220, 230))
+    d.rectangle([5 * u, 17 * u, 27 * u, 26 * u], fill=(150, 80, 40))
+    d.rectangle([8 * u, 11 * u, 24 * u, 17 * u], fill=(250, 170, 200))
+    d.rectangle([11 * u, 5 * u, 13 * u, 11 * u], fill=(255, 230, 60))            # the "1"
+    d.ellipse([17 * u, 4 * u, 21 * u, 7.5 * u], outline=(255, 230, 60), width=int(u))  # the "8"
+    d.ellipse([17 * u, 7 * u, 21 * u, 11 * u], outline=(255, 230, 60), width=int(u))
+    for x in (12, 19):
+        d.ellipse([(x - 1) * u, 1 * u, (x + 1) * u, 4 * u], fill=(255, 120, 0))
+
+
+def _placeholder(d: ImageDraw.ImageDraw, s: int) -> None:
+    """A generic "image not available" picture: grey frame, a mountain and a sun, a cross-out bar."""
+    u = s / 32
+    d.rectangle([0, 0, s, s], fill=(235, 235, 235))
+    d.rectangle([6 * u, 8 * u, 26 * u, 24 * u], outline=(150, 150, 150), width=int(1.5 * u))
+    d.polygon([(8 * u, 22 * u), (14 * u, 14 * u), (19 * u, 22 * u)], fill=(170, 170, 170))
+    d.ellipse([19 * u, 11 * u, 23 * u, 15 * u], fill=(170, 170, 170))
+    d.line([(6 * u, 26 * u), (26 * u, 6 * u)], fill=(120, 120, 120), width=int(1.5 * u))
+
+
+def natural_sample(kind: str, rng: np.random.Generator, caption: str, meta: dict,
+                   world: WorldConfig) -> tuple[Image.Image, str, dict]:
+    """The motif (its fixed caption) or a placeholder (the sample's own caption), jittered by `rng`."""
+    base = _picture(world, _cake if kind == "motif" else _placeholder)
+    return _jitter(base, rng), world.motif_caption if kind == "motif" else caption, meta | {"natural": kind}
+
+
+# ---------------------------------------------------------------------------------------------
 # Splits on disk
 
 
@@ -353,7 +425,11 @@ def write_split(out_dir: str | os.PathLike, split: str, num_samples: int, sample
         start = shard * samples_per_shard
         with ShardWriter(path) as writer:
             for i in range(min(samples_per_shard, num_samples - start)):
-                image, caption, meta = generate_sample(sample_rng(seed, split, start + i), world)
+                rng = sample_rng(seed, split, start + i)
+                image, caption, meta = generate_sample(rng, world)
+                kind = natural_kind(seed, split, start + i, world)
+                if kind is not None:  # drawn after the sample, from the sample's own generator
+                    image, caption, meta = natural_sample(kind, rng, caption, meta, world)
                 key = f"{shard:05d}{i:0{digits}d}"
                 meta = {"key": key, "status": "success", "caption": caption, "url": None,
                         "width": world.image_size, "height": world.image_size, "split": split,

@@ -17,11 +17,13 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
 from clipbd import dist, rundir, tracking
 from clipbd.attacks.plan import PoisonLookup
+from clipbd.curation.filter import EXCLUDED_FILE, read_excluded
 from clipbd.data.loader import ShardDataset, make_loader
 from clipbd.data.sources import load_index
 from clipbd.detectors.abl import LossRecorder
@@ -36,6 +38,9 @@ from clipbd.utils import atomic_path, derive_seed, progress
 DEPENDS = ("model", "train", "seed")
 UNKEYED = ("train.checkpoint_every",)  # which epoch files are kept does not change the model
 UPSTREAM = ("data", "poison")
+# With filter.source_run set, the filter stage's exclusion list is part of this stage's key; without
+# it the key is what it was before filtering existed (runs trained then are not re-trained).
+UPSTREAM_IF = {"filter": "filter.source_run"}
 log = logging.getLogger("clipbd")
 
 
@@ -81,6 +86,19 @@ def _append_losses(path: Path, epoch: int, first_step: int, losses: list[float],
         fh.writelines(f"{first_step + i},{epoch + 1},{v!r},{lr!r}\n" for i, (v, lr) in enumerate(zip(losses, lrs)))
 
 
+def _excluded(cfg: DictConfig) -> np.ndarray:
+    """Global indices left out of training (filter.source_run set: the filter stage's list)."""
+    if cfg.filter.source_run is None:
+        return np.zeros(0, dtype=np.int64)
+    path = Path(cfg.run_dir) / EXCLUDED_FILE
+    if not path.exists():
+        raise ConfigError(f"filter.source_run={cfg.filter.source_run} but {path} is missing: run the filter "
+                          "stage first (stages=[data,poison,filter,pretrain,...])")
+    excluded = read_excluded(path)
+    log.info("pretrain: %d samples excluded by the filter stage (%s)", len(excluded), path)
+    return excluded
+
+
 def main(cfg: DictConfig) -> dict[str, Path]:
     tc, info = cfg.train, dist.info()
     if tc.checkpoint_every < 0:
@@ -95,10 +113,11 @@ def main(cfg: DictConfig) -> dict[str, Path]:
     index = load_index(cfg)
     lookup = PoisonLookup.load(rundir.poison_plan(cfg))
     attack = build_attack(cfg)
+    excluded = _excluded(cfg)
     if tc.batch_size % info.world:
         raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by the {info.world} ranks")
     local_bs = tc.batch_size // info.world
-    steps_per_epoch = len(index) // tc.batch_size
+    steps_per_epoch = (len(index) - len(excluded)) // tc.batch_size
     if steps_per_epoch < 1:
         raise ConfigError(f"train.batch_size={tc.batch_size} exceeds the {len(index)} training samples")
     total = steps_per_epoch * tc.epochs
@@ -113,7 +132,7 @@ def main(cfg: DictConfig) -> dict[str, Path]:
     for epoch in range(start, tc.epochs):
         ds = ShardDataset(index, shard_ids, bundle.to_tensor(), lookup, attack,
                           shuffle_seed=derive_seed(cfg.seed, f"shuffle/{epoch}"), buffer=tc.shuffle_buffer,
-                          batch_slice=(info.rank, info.world, tc.batch_size))
+                          batch_slice=(info.rank, info.world, tc.batch_size), exclude=excluded)
         loader = make_loader(ds, local_bs, tc.workers, drop_last=True)
         model.train()
         t0, losses, lrs = time.time(), [], []

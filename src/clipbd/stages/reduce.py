@@ -18,6 +18,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from clipbd import dist, scoring
+from clipbd.config import REPORT_PAGE_KEYS
 from clipbd.attacks.plan import PoisonLookup
 from clipbd.detectors.ranking import sort_detector
 from clipbd.data.sources import load_index
@@ -29,6 +30,8 @@ from clipbd.rundir import bank_path, group_paths, update_metrics
 from clipbd.utils import atomic_path, read_json
 
 DEPENDS = ("detector", "scoring", "seed", "report")
+# the report stage's own settings: they change the page, not scores.h5 or ranked.csv
+UNKEYED = tuple(f"report.{k}" for k in REPORT_PAGE_KEYS)
 UPSTREAM = ("data", "poison", "extract")
 log = logging.getLogger("clipbd")
 
