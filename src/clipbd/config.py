@@ -11,7 +11,8 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-STAGE_ORDER = ("data", "poison", "pretrain", "extract", "reduce", "evaluate")
+# `decompose` (and other model-level analyses) run after evaluate when listed; not in the default `stages`
+STAGE_ORDER = ("data", "poison", "pretrain", "extract", "reduce", "evaluate", "decompose")
 
 
 @dataclass
@@ -66,6 +67,10 @@ class TrainConfig:
     # Keep `epoch_N.pt` every N epochs and the last one; 0 keeps only `latest.pt` (what resuming,
     # extract and evaluate read). Not part of the stage key: changing it never re-trains.
     checkpoint_every: int = 1
+    # Start from this checkpoint's weights (a clipbd or open_clip file of the same architecture) and
+    # fine-tune (He et al.'s threat model: poisoned fine-tuning of a clean model, low lr, few epochs).
+    # Part of the stage key: changing it re-trains. Null: train from the seeded random init.
+    init_checkpoint: Optional[str] = None
 
 
 @dataclass
@@ -106,6 +111,21 @@ class EvalConfig:
 
 
 @dataclass
+class DecomposeConfig:
+    """The `decompose` stage (He et al., ICML 2025; docs/inspect.md)."""
+
+    batch_size: int = 256
+    val_fraction: float = 0.2  # held-out images used as clean validation (prototypes, clean means)
+    max_images: Optional[int] = None  # use the first N held-out images (all if null)
+    convention: str = "faithful"  # faithful (published; eps is in its units) | textbook
+    head_layers: int = 1  # infected heads, Decomp-Rep and Decomp-Det look at the last N layers
+    eps: float = 0.002  # published score <c, mu> <= eps: infected
+    eps_normalised: float = 0.0  # normalised score cos(c, mu) <= eps_normalised: infected
+    zeta: Optional[int] = None  # filter "more than zeta infected heads"; null: round(5/12 · heads)
+    mlp_layers: Optional[List[int]] = None  # MLP repair: layers mean-ablated; null: last round(5/12 · L)
+
+
+@dataclass
 class WandbConfig:
     mode: str = "offline"  # online | offline | disabled
     project: str = "clipbd"
@@ -125,7 +145,7 @@ class LoggingConfig:
 class ClipbdConfig:
     name: str = "default"  # experiment name: run-dir prefix and W&B group
     seed: int = 0
-    stages: List[str] = field(default_factory=lambda: list(STAGE_ORDER))
+    stages: List[str] = field(default_factory=lambda: [s for s in STAGE_ORDER if s != "decompose"])
     force: List[str] = field(default_factory=list)  # stages to re-run even if complete
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     run_dir: str = "${hydra:runtime.output_dir}"
@@ -139,6 +159,7 @@ class ClipbdConfig:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    decompose: DecomposeConfig = field(default_factory=DecomposeConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

@@ -51,6 +51,10 @@ def stage_key(cfg: DictConfig, name: str) -> str:
         section, _, leaf = dotted.rpartition(".")
         if isinstance(parts.get(section), dict):
             parts[section].pop(leaf, None)
+    for dotted in getattr(mod, "UNKEYED_IF_NULL", ()):  # a setting added later, at its null default,
+        section, _, leaf = dotted.rpartition(".")          # keeps the keys of runs made before it
+        if isinstance(parts.get(section), dict) and parts[section].get(leaf, 0) is None:
+            parts[section].pop(leaf)
     for up in mod.UPSTREAM:
         marker = read_marker(cfg.run_dir, up)
         parts[f"stage:{up}"] = marker["key"] if marker else None

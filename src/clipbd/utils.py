@@ -79,6 +79,15 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def update_metrics(run_dir: str | os.PathLike, prefix: str, new: dict) -> dict:
+    """Replace every `prefix*` key of <run_dir>/metrics.json by `new` (other stages' keys are kept)."""
+    path = Path(run_dir) / "metrics.json"
+    old = read_json(path) if path.exists() else {}
+    merged = {k: v for k, v in old.items() if not k.startswith(prefix)} | new
+    write_json(path, dict(sorted(merged.items())))
+    return merged
+
+
 def stable_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()[:16]
 

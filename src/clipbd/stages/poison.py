@@ -12,29 +12,12 @@ from omegaconf import DictConfig
 
 from clipbd import dist
 from clipbd.data.sources import class_names, load_index, prompt_fn
-from clipbd.registry import ConfigError, build
+from clipbd.registry import ConfigError, build, build_attack  # noqa: F401 (stages import build_attack from here)
 from clipbd.utils import read_json, rng, write_json
 
 DEPENDS = ("attack", "seed", "dataset.prompts", "dataset.classes")
 UPSTREAM = ("data",)
 log = logging.getLogger("clipbd")
-
-
-def build_attack(cfg: DictConfig, bind: bool = True):
-    """The configured attack object, or None (attack=none / attack=null: nothing is poisoned).
-    With `bind` and a poison plan in the run dir, the attack takes the plan's trigger state (a
-    WaNet field, an optimised patch, ...), so every stage applies the trigger the plan drew."""
-    if not cfg.attack or cfg.attack.get("_target_") is None:
-        return None
-    attack = build(cfg.attack, "attack")
-    path = Path(cfg.run_dir) / "poison_plan.json"
-    if bind and hasattr(attack, "bind") and path.exists():
-        plan = read_json(path)
-        if plan.get("attack") != getattr(attack, "name", None):
-            raise ConfigError(f"{path} was planned for attack {plan.get('attack')}, the config says "
-                              f"{getattr(attack, 'name', None)}: re-run the poison stage (force=[poison])")
-        attack.bind(plan, cfg.run_dir)
-    return attack
 
 
 def plan_context(cfg: DictConfig, index):

@@ -21,7 +21,7 @@ from clipbd.data.sources import load_index
 from clipbd.metrics import detection_metrics
 from clipbd.plots import roc_plot, score_histograms
 from clipbd.stages.extract import bank_path, build_detectors, group_paths
-from clipbd.utils import atomic_path, read_json, write_json
+from clipbd.utils import atomic_path, read_json, update_metrics, write_json  # noqa: F401 (evaluate imports update_metrics from here)
 
 DEPENDS = ("detector", "scoring", "seed")
 UPSTREAM = ("data", "poison", "extract")
@@ -108,15 +108,6 @@ def write_ranked(path: Path, data: dict, labels: np.ndarray | None, detectors: l
 
 def _s(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
-
-
-def update_metrics(run_dir: Path, prefix: str, new: dict) -> dict:
-    """Replace every `prefix*` key of metrics.json by `new` (other stages' keys are kept)."""
-    path = run_dir / "metrics.json"
-    old = read_json(path) if path.exists() else {}
-    merged = {k: v for k, v in old.items() if not k.startswith(prefix)} | new
-    write_json(path, dict(sorted(merged.items())))
-    return merged
 
 
 def load_embeddings(paths: list[Path], order: np.ndarray) -> dict[str, np.ndarray]:
