@@ -181,3 +181,13 @@ def test_unknown_convention_is_refused():
     model = _clip(_tiny_arch())
     with pytest.raises(ConfigError, match="convention='paper'"):
         decompose(model, _images(model, 1), convention="paper")
+
+
+def test_computed_in_the_model_dtype():
+    model = _clip(_tiny_arch()).to(torch.bfloat16)
+    images = _images(model, 3).to(torch.bfloat16)
+    emb = model.encode_image(images).float()
+    d = decompose(model, images)
+    assert d.heads.dtype == d.mlps.dtype == d.rest.dtype == torch.bfloat16
+    rel = ((d.total().float() - emb).norm(dim=-1) / emb.norm(dim=-1)).max()
+    assert rel < 0.05  # bfloat16 rounding of 2L+1 terms, not an allocation error
