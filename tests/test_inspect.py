@@ -113,3 +113,16 @@ def test_defaults_scale_the_published_settings():
         mlp_repair(val, val, val, CLASSES, np.zeros(20, dtype=int) + 1, TARGET, layers=[5])
     out = component_ablations(val, val, val, CLASSES, np.ones(20, dtype=int), TARGET)
     assert [s["layers"] for s in out["layer"]["accumulated"]] == [[2], [1, 2], [0, 1, 2]]
+
+
+def test_textspan_names_the_direction_a_head_varies_along():
+    from clipbd.inspect.textspan import textspan
+
+    g = torch.Generator().manual_seed(0)
+    texts = [f"t{i}" for i in range(6)]
+    emb = torch.nn.functional.normalize(torch.randn(6, D, generator=g), dim=-1)
+    coef = torch.randn(300, 2, generator=g) * torch.tensor([3.0, 1.0])
+    terms = coef @ emb[[4, 1]] + 0.01 * torch.randn(300, D, generator=g)  # mostly t4, then t1
+    names = textspan(terms, emb, texts, iters=2, rank=4)
+    assert [n["text"] for n in names] == ["t4", "t1"]
+    assert names[0]["variance"] > names[1]["variance"] > 0.01 and sum(n["variance"] for n in names) <= 1 + 1e-9

@@ -123,6 +123,9 @@ class DecomposeConfig:
     eps_normalised: float = 0.0  # normalised score cos(c, mu) <= eps_normalised: infected
     zeta: Optional[int] = None  # filter "more than zeta infected heads"; null: round(5/12 · heads)
     mlp_layers: Optional[List[int]] = None  # MLP repair: layers mean-ablated; null: last round(5/12 · L)
+    # TextSpan: name each head of the `head_layers` last layers by this many texts from the held-out
+    # images' own captions (0: off)
+    textspan_texts: int = 5
 
 
 @dataclass

@@ -24,6 +24,7 @@ from clipbd.data.shards import build_index
 from clipbd.data.sources import class_names, heldout_shards, prompt_fn
 from clipbd.inspect import CONVENTIONS
 from clipbd.inspect.analysis import analyse, decompose_images, flat_metrics, split_validation
+from clipbd.inspect.textspan import textspan
 from clipbd.models import factory
 from clipbd.models.zeroshot import class_embeddings
 from clipbd.registry import ConfigError, build_attack
@@ -35,17 +36,32 @@ UPSTREAM = ("data", "pretrain")
 log = logging.getLogger("clipbd")
 
 
-def _batches(ds, batch_size: int, limit: int | None, labels: list | None = None):
-    """Image batches [B, 3, H, W] in [0, 1] of the first `limit` held-out images (labels appended)."""
+def _batches(ds, batch_size: int, limit: int | None, labels: list | None = None, captions: list | None = None):
+    """Image batches [B, 3, H, W] in [0, 1] of the first `limit` held-out images (their labels and
+    captions appended to the lists given)."""
     seen = 0
     for batch in make_loader(ds, batch_size):
         x = batch["image"][: None if limit is None else limit - seen]
         if labels is not None:
             labels.append(batch["label"][: len(x)])
+        if captions is not None:
+            captions.extend(batch["caption"][: len(x)])
         seen += len(x)
         yield x
         if limit is not None and seen >= limit:
             return
+
+
+@torch.no_grad()
+def _textspan(bundle, val, captions: list[str], dc, device: str) -> dict[str, list[dict]]:
+    """"layer.head" -> TextSpan texts of the last `head_layers` layers' heads over the validation
+    images, from the held-out captions (deduplicated)."""
+    texts = sorted(set(captions))
+    emb = torch.cat([bundle.model.encode_text(bundle.tokenizer(texts[i:i + 256]).to(device), normalize=True).float().cpu()
+                     for i in range(0, len(texts), 256)])
+    L, H = val.heads.shape[1:3]
+    return {f"{l}.{h}": textspan(val.heads[:, l, h], emb, texts, iters=dc.textspan_texts)
+            for l in range(L - dc.head_layers, L) for h in range(H)}
 
 
 def main(cfg: DictConfig) -> dict[str, Path]:
@@ -72,9 +88,9 @@ def main(cfg: DictConfig) -> dict[str, Path]:
                                  [prompts(c, n=cfg.eval.prompts_per_class, seed=seed) for c in classes], device).cpu()
     ds = ShardDataset(build_index(shards, progress=False), range(len(shards)), bundle.to_tensor(),
                       label_key=cfg.dataset.label_key)
-    labels: list = []
-    clean = decompose_images(bundle.model, _batches(ds, dc.batch_size, dc.max_images, labels), bundle.normalize,
-                             convention=dc.convention)
+    labels, captions = [], []
+    clean = decompose_images(bundle.model, _batches(ds, dc.batch_size, dc.max_images, labels, captions),
+                             bundle.normalize, convention=dc.convention)
     labels = torch.cat(labels).numpy()
     val_idx, test_idx = split_validation(len(labels), dc.val_fraction, rng(cfg.seed, "decompose/val"))
     val, clean_test = clean.take(val_idx), clean.take(test_idx)
@@ -88,8 +104,9 @@ def main(cfg: DictConfig) -> dict[str, Path]:
             mlp_layers=None if dc.mlp_layers is None else list(dc.mlp_layers))}
         prefix = "inspect/decomp/" if len(triggers) == 1 else f"inspect/decomp/{name}/"
         metrics |= flat_metrics(reports[name], prefix)
+    names = _textspan(bundle, val, captions, dc, device) if dc.textspan_texts > 0 else {}
     write_json(out["report"], {"convention": dc.convention, "config": OmegaConf.to_container(dc, resolve=True),
-                               "triggers": reports})
+                               "triggers": reports, "textspan": names})
     first = next(iter(reports.values()))
     share = first["heads"]["share"]
     title = f"{first['trigger']} -> {first['target']}, {dc.convention} convention"
