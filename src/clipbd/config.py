@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 # its name here (docs/architecture.md, "Adding a stage"). `filter` and `invert` run only when listed;
 # invert sits before report so that a report run after it shows the inverted trigger.
 STAGE_ORDER = ("data", "poison", "filter", "pretrain", "extract", "reduce", "invert", "report", "evaluate",
-               "encoder_attack")
+               "decompose", "encoder_attack")
 # what a run does when `stages` is not set: the detection pipeline and its report
 PIPELINE = ("data", "poison", "pretrain", "extract", "reduce", "report", "evaluate")
 
@@ -138,6 +138,10 @@ class TrainConfig:
     # Keep `epoch_N.pt` every N epochs and the last one; 0 keeps only `latest.pt` (what resuming,
     # extract and evaluate read). Not part of the stage key: changing it never re-trains.
     checkpoint_every: int = 1
+    # Start from this checkpoint's weights (a clipbd or open_clip file of the same architecture) and
+    # fine-tune (He et al.'s threat model: poisoned fine-tuning of a clean model, low lr, few epochs).
+    # Part of the stage key: changing it re-trains. Null: train from the seeded random init.
+    init_checkpoint: Optional[str] = None
 
 
 @dataclass
@@ -185,6 +189,24 @@ class EvalConfig:
 
 
 @dataclass
+class DecomposeConfig:
+    """The `decompose` stage (He et al., ICML 2025; docs/inspect.md)."""
+
+    batch_size: int = 256
+    val_fraction: float = 0.2  # held-out images used as clean validation (prototypes, clean means)
+    max_images: Optional[int] = None  # use the first N held-out images (all if null)
+    convention: str = "faithful"  # faithful (published; eps is in its units) | textbook
+    head_layers: int = 1  # infected heads, Decomp-Rep and Decomp-Det look at the last N layers
+    eps: float = 0.002  # published score <c, mu> <= eps: infected
+    eps_normalised: float = 0.0  # normalised score cos(c, mu) <= eps_normalised: infected
+    zeta: Optional[int] = None  # filter "more than zeta infected heads"; null: round(5/12 · heads)
+    mlp_layers: Optional[List[int]] = None  # MLP repair: layers mean-ablated; null: last round(5/12 · L)
+    # TextSpan: name each head of the `head_layers` last layers by this many texts from the held-out
+    # images' own captions (0: off)
+    textspan_texts: int = 5
+
+
+@dataclass
 class WandbConfig:
     mode: str = "offline"  # online | offline | disabled
     project: str = "clipbd"
@@ -222,6 +244,7 @@ class ClipbdConfig:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    decompose: DecomposeConfig = field(default_factory=DecomposeConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

@@ -89,3 +89,41 @@ def save_image_grid(path: Path, images, scale: int = 4, pad: int = 1) -> Path:
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
     return path
+
+
+def heads_infected(path: Path, shares: dict[str, list], title: str = "") -> Path:
+    """Heatmaps layer × head of the share of images whose head is infected (decompose stage):
+    `shares` maps a panel name (e.g. "triggered", "clean") to an [L, H] list."""
+    fig, axes = plt.subplots(1, len(shares), figsize=(3.2 * len(shares) + 1, 3.2), squeeze=False)
+    for ax, (name, share) in zip(axes[0], shares.items()):
+        a = np.asarray(share, dtype=float)
+        im = ax.imshow(a, vmin=0, vmax=1, cmap="magma", aspect="auto")
+        for (i, j), v in np.ndenumerate(a):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 else "k")
+        ax.set(title=name, xlabel="head", ylabel="layer", xticks=range(a.shape[1]), yticks=range(a.shape[0]))
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="share infected")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def ablation_curves(path: Path, ablations: dict, title: str = "") -> Path:
+    """ASR and clean accuracy when a component is replaced by its clean mean: per layer alone
+    (left) and accumulated from the last layer down (right); one colour per component kind."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    colours = {"attn": "C0", "mlp": "C1", "layer": "C2"}
+    for ax, mode in zip(axes, ("single", "accumulated")):
+        for kind, curves in ablations.items():
+            steps = curves[mode]
+            ticks = [f"{s['layers'][0]}" if len(s["layers"]) == 1 else f"{s['layers'][0]}-{s['layers'][-1]}"
+                     for s in steps]
+            x = np.arange(len(steps))
+            ax.plot(x, [s["asr"] for s in steps], "-o", color=colours.get(kind), label=f"{kind} ASR")
+            ax.plot(x, [s["clean_acc"] for s in steps], "--s", color=colours.get(kind), label=f"{kind} clean acc")
+            ax.set_xticks(x, ticks)
+        ax.set(xlabel="layers mean-ablated", title=f"{mode}", ylim=(-0.02, 1.02))
+    axes[0].set_ylabel("rate")
+    axes[1].legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)

@@ -8,6 +8,7 @@ ones (Hydra's own message is a multi-line traceback).
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Any
 
 from hydra.utils import get_object, instantiate

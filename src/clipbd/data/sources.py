@@ -8,7 +8,7 @@ from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from clipbd.data.shards import ShardIndex
+from clipbd.data.shards import ShardIndex, expand_shards
 from clipbd.registry import ConfigError, build
 from clipbd.utils import read_json
 
@@ -22,6 +22,16 @@ def load_index(cfg: DictConfig) -> ShardIndex:
 
 def test_shards(cfg: DictConfig) -> list[str]:
     return list(read_json(Path(cfg.run_dir) / "data.json")["test_shards"])
+
+
+def heldout_shards(cfg: DictConfig) -> list[str]:
+    """Held-out shards for a model-level analysis: `dataset.test_shards` when given (any checkpoint,
+    no data stage), else the run's own (data.json); [] if there are none."""
+    if cfg.dataset.test_shards is not None:
+        spec = cfg.dataset.test_shards
+        return expand_shards(spec if isinstance(spec, str) else OmegaConf.to_container(spec))
+    path = Path(cfg.run_dir) / "data.json"
+    return test_shards(cfg) if path.exists() else []
 
 
 def _world(cfg: DictConfig):

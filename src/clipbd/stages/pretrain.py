@@ -3,6 +3,8 @@
 AdamW (no weight decay on gains, biases and the logit scale, as OpenCLIP), linear warmup then cosine
 decay per step (clipbd.models.train), a checkpoint at the end of every epoch (`checkpoints/epoch_N.pt`, `latest.pt`), and
 resumption from `latest.pt` when the stage is re-run after an interruption (or requeued by SLURM).
+`train.init_checkpoint` starts from a trained model's weights instead of the seeded init: poisoned
+fine-tuning of a clean model (He et al., ICML 2025's threat model) with a low lr and few epochs.
 
 Under DDP every rank reads the same shuffled sample stream and takes its slice of each global batch
 (`loader.ranks_slice`), and the loss is computed on the features gathered from all ranks: any number
@@ -37,6 +39,7 @@ from clipbd.utils import atomic_path, derive_seed, progress
 
 DEPENDS = ("model", "train", "seed")
 UNKEYED = ("train.checkpoint_every",)  # which epoch files are kept does not change the model
+UNKEYED_IF_NULL = ("train.init_checkpoint",)  # null (train from scratch): the key of earlier runs
 UPSTREAM = ("data", "poison")
 # With filter.source_run set, the filter stage's exclusion list is part of this stage's key; without
 # it the key is what it was before filtering existed (runs trained then are not re-trained).
@@ -110,6 +113,8 @@ def main(cfg: DictConfig) -> dict[str, Path]:
     torch.manual_seed(derive_seed(cfg.seed, "init"))
     bundle = factory.create(cfg.model, device=info.device)
     model = bundle.model
+    if tc.init_checkpoint:  # fine-tune a trained model (resuming below still wins: it is newer)
+        factory.load_weights(model, factory.read_checkpoint(tc.init_checkpoint)["state_dict"], tc.init_checkpoint)
     index = load_index(cfg)
     lookup = PoisonLookup.load(rundir.poison_plan(cfg))
     attack = build_attack(cfg)
