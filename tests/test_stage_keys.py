@@ -61,15 +61,20 @@ def _under(key: str, prefixes) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
-def covered_by(name: str, run_dir) -> tuple[set[str], set[str]]:
+def covered_by(name: str, cfg: DictConfig) -> tuple[set[str], set[str]]:
     """(keys hashed into stage `name`'s key, directly or through the upstream stages that ran (a
-    stage that did not run has no key to pass on); keys it may read unkeyed: UNKEYED, plumbing)."""
+    stage that did not run has no key to pass on); keys it may read unkeyed: UNKEYED, plumbing, and
+    what `depends(cfg)` reads to decide which keys are hashed — the key is a function of that choice)."""
     mod = runstate.stage_module(name)
-    keyed = set(mod.DEPENDS)
+    deciding: set[str] = set()
+    with recording(cfg, deciding):
+        keyed = set(runstate.depends(mod, cfg))
+    free = set(getattr(mod, "UNKEYED", ())) | set(runstate.PLUMBING) | deciding
     for up in mod.UPSTREAM:
-        if runstate.read_marker(run_dir, up) is not None:
-            keyed |= covered_by(up, run_dir)[0]
-    return keyed, set(getattr(mod, "UNKEYED", ())) | set(runstate.PLUMBING)
+        if runstate.read_marker(cfg.run_dir, up) is not None:
+            up_keyed, up_free = covered_by(up, cfg)
+            keyed |= up_keyed
+    return keyed, free
 
 
 def unkeyed_reads(cfg: DictConfig, stages) -> dict[str, list[str]]:
@@ -82,7 +87,7 @@ def unkeyed_reads(cfg: DictConfig, stages) -> dict[str, list[str]]:
             if hasattr(mod, "check"):
                 mod.check(cfg)
             runstate.run_stage(cfg, name)
-        keyed, free = covered_by(name, cfg.run_dir)
+        keyed, free = covered_by(name, cfg)
         # a read of a whole section is covered only if the whole section is keyed
         wrong = sorted(r for r in reads if r and not _under(r, keyed | free))
         if wrong:
