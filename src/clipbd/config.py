@@ -67,6 +67,14 @@ class ReportConfig:
 
 
 @dataclass
+class PluginsConfig:
+    """What a config may execute (README, "What a config may run"): `_target_` nodes name clipbd's
+    plug-ins, or callables of the modules listed here (`plugins.allow=[mypkg]`: you trust mypkg)."""
+
+    allow: List[str] = field(default_factory=list)
+
+
+@dataclass
 class ModelConfig:
     name: str = "RN50"  # any open_clip architecture name, or the name `arch` is registered under
     arch: Optional[Dict[str, Any]] = None  # open_clip model config (embed_dim, vision_cfg, text_cfg)
@@ -170,6 +178,7 @@ class ClipbdConfig:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    plugins: PluginsConfig = field(default_factory=PluginsConfig)
 
 
 def register_configs() -> None:

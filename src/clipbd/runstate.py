@@ -140,13 +140,22 @@ def stage_seconds(run_dir: str | Path, name: str) -> float | None:
 
 
 def check_stages(cfg: DictConfig) -> None:
-    """Run the `check(cfg)` of every selected stage that has one, before the first stage starts:
-    a value that cannot work fails in seconds, not after pretraining."""
-    for name in STAGE_ORDER:
-        if name in cfg.stages:
-            check = getattr(stage_module(name), "check", None)
-            if check is not None:
-                check(cfg)
+    """Before the first stage starts: every `_target_` is allow-listed (before anything is built),
+    the config's values and plug-ins are valid (clipbd.checks), a trained model exists for the
+    stages that need one (NEEDS_MODEL), and the `check(cfg)` of every selected stage that has one
+    passes: a value that cannot work fails in seconds, not after pretraining."""
+    from clipbd import checks
+    from clipbd.registry import check_targets
+
+    check_targets(cfg)
+    checks.check_values(cfg)
+    checks.check_plugins(cfg)
+    selected = [name for name in STAGE_ORDER if name in cfg.stages]
+    checks.check_checkpoint(cfg, [n for n in selected if getattr(stage_module(n), "NEEDS_MODEL", False)])
+    for name in selected:
+        check = getattr(stage_module(name), "check", None)
+        if check is not None:
+            check(cfg)
 
 
 def _previous_identity(mod: Any, prev: dict | None) -> str | None:

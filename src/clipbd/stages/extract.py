@@ -47,6 +47,7 @@ DEPENDS = ("model.name", "model.arch", "model.checkpoint", "extract.shards_per_g
 # the job-array split and loader workers: any split, any worker count gives the same files
 UNKEYED = ("extract.task", "extract.num_tasks", "extract.groups", "extract.workers")
 UPSTREAM = ("data", "poison", "pretrain")
+NEEDS_MODEL = True  # a trained model: this run's pretraining or model.checkpoint (checked first)
 log = logging.getLogger("clipbd")
 
 
