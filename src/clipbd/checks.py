@@ -62,6 +62,18 @@ def check_plugins(cfg: DictConfig) -> None:
         sort_detector(detectors, cfg.report.sort_by)
 
 
+def check_inputs(cfg: DictConfig) -> None:
+    """The training shards exist when the data stage will index them (a missing or mistyped path
+    fails now, naming it, not after other work)."""
+    from omegaconf import OmegaConf
+
+    from clipbd.data.shards import expand_shards
+
+    shards = cfg.dataset.shards
+    if "data" in cfg.stages and shards is not None:
+        expand_shards(shards if isinstance(shards, str) else OmegaConf.to_container(shards, resolve=True))
+
+
 def check_checkpoint(cfg: DictConfig, needs_model: list[str]) -> None:
     """`model.checkpoint`, when given, is a file; stages that need a trained model (`needs_model`)
     have one: pretraining in this run, the run's own checkpoints/latest.pt, or model.checkpoint."""

@@ -150,6 +150,7 @@ def check_stages(cfg: DictConfig) -> None:
     check_targets(cfg)
     checks.check_values(cfg)
     checks.check_plugins(cfg)
+    checks.check_inputs(cfg)
     selected = [name for name in STAGE_ORDER if name in cfg.stages]
     checks.check_checkpoint(cfg, [n for n in selected if getattr(stage_module(n), "NEEDS_MODEL", False)])
     for name in selected:
