@@ -12,7 +12,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 
 # Every stage, in the order a run executes the selected ones. Adding a stage: a module
-# clipbd/stages/<name>.py with main(cfg), DEPENDS, UPSTREAM (and UNKEYED, check(cfg) if needed), and
+# clipbd/stages/<name>.py with main(cfg), DEPENDS (or depends(cfg)), UPSTREAM (and UNKEYED, check(cfg),
+# NEEDS_MODEL, EARLY_CUTOFF if needed: clipbd.runstate), and
 # its name here (docs/architecture.md, "Adding a stage").
 STAGE_ORDER = ("data", "poison", "pretrain", "extract", "reduce", "evaluate", "encoder_attack")
 PIPELINE = STAGE_ORDER[:6]  # what a run does when `stages` is not set: the detection pipeline

@@ -155,7 +155,8 @@ class Scoring:
 
 class InBatch(Scoring):
     """Each sample against the other samples of its scoring batch (Huang et al., ICLR 2025, §3):
-    a group's rows cut in index order into batches of about `batch_size`; scored by extract."""
+    a group's rows cut in index order into batches of about `batch_size`; scored by reduce, one
+    extraction group at a time, from the stored embeddings."""
 
     name, per_group = "batch", True
 
