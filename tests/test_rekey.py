@@ -42,7 +42,7 @@ def clone(cfg: DictConfig) -> DictConfig:
 def test_evaluation_settings_re_run_evaluate_only(finished):
     assert stale(finished) == []
     for key, value in [("dataset.label_key", "class"), ("eval.prompts_per_class", 4),
-                       ("dataset.classes", ["circle", "square", "triangle", "star", "cross", "heart", "moon",
+                       ("dataset.classes", ["circle", "square", "triangle", "star", "cross", "heart", "ring",
                                             "banana"])]:
         cfg = clone(finished)
         OmegaConf.update(cfg, key, value, merge=False)
@@ -53,7 +53,7 @@ def test_dataset_classes_re_draws_the_plan_but_keeps_the_model(finished):
     """poison reads dataset.classes (the target-class check), so it re-runs; the plan comes out the
     same, so its id stays and pretraining, extraction and scoring are kept (early cutoff)."""
     cfg = clone(finished)
-    OmegaConf.update(cfg, "dataset.classes", ["circle", "square", "triangle", "star", "cross", "heart", "moon",
+    OmegaConf.update(cfg, "dataset.classes", ["circle", "square", "triangle", "star", "cross", "heart", "ring",
                                               "banana"], merge=False)
     before = runstate.read_marker(cfg.run_dir, "poison")
     runstate.run_stage(cfg, "poison")

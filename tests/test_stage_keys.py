@@ -119,3 +119,24 @@ def test_changing_the_checkpoint_re_evaluates(tiny_cfg, tmp_path):
     OmegaConf.update(tiny_cfg, "train.checkpoint_every", 1)
     assert runstate.stage_key(tiny_cfg, "pretrain") == b
     assert json.dumps(sorted(runstate.PLUMBING))  # the plumbing list is data, printed in failures
+
+
+def test_keys_honest_for_image_detectors_a_heldout_bank_and_a_plan_that_reads_the_test_split(tmp_path):
+    """The config-dependent keys (`depends(cfg)`): extract keys the image detector (cd) and the
+    held-out bank it embeds, poison keys what the targeted attack's plan reads (the test split, its
+    labels, the model), and list-valued keys hash."""
+    from conftest import compose_cfg
+
+    cfg = compose_cfg(["+experiment=smoke", "device=cpu", "logging.wandb.mode=disabled", "logging.progress=never",
+                       "attack=targeted", "detector=[dao,cd,clipscore]", "detector.cd.steps=1", "scoring=bank",
+                       "scoring.bank_source=test", "scoring.bank_size=50",
+                       "dataset.classes=[circle,square,triangle,star,cross,heart,ring,banana]"],
+                      run_dir=tmp_path / "run")
+    OmegaConf.update(cfg, "stages", list(STAGE_ORDER[:6]), merge=False)
+    bad = unkeyed_reads(cfg, STAGE_ORDER[:6])
+    assert not bad, f"config keys read but not in the stage key: {bad}"
+    extract = runstate.stage_module("extract")
+    assert {"detector.cd", "scoring.bank_size", "dataset.test_shards"} <= set(runstate.depends(extract, cfg))
+    assert "detector.dao" not in runstate.depends(extract, cfg)
+    poison = runstate.stage_module("poison")
+    assert {"dataset.test_shards", "dataset.label_key", "model"} <= set(runstate.depends(poison, cfg))
