@@ -115,3 +115,24 @@ def test_list_values_hash_in_every_keyed_section(tiny_cfg):
     OmegaConf.update(tiny_cfg, "dataset.test_shards", ["/data/a.tar"], merge=False)
     assert runstate.stage_key(tiny_cfg, "evaluate") != keys["evaluate"]
     assert runstate.stage_key(tiny_cfg, "pretrain") == keys["pretrain"]
+
+
+def test_list_valued_test_shards_and_classes_evaluate(finished):
+    """The issue's crash: list-valued dataset.test_shards and dataset.classes through `evaluate`
+    (same shards, same classes as the default: the same accuracy)."""
+    import json
+    from pathlib import Path
+
+    run = Path(finished.run_dir)
+    before = json.loads((run / "metrics.json").read_text())
+    cfg = clone(finished)
+    tests = json.loads((run / "data.json").read_text())["test_shards"]
+    OmegaConf.update(cfg, "dataset.test_shards", tests, merge=False)
+    OmegaConf.update(cfg, "dataset.classes", ["circle", "square", "triangle", "star", "cross", "heart", "ring",
+                                              "banana"], merge=False)
+    assert stale(cfg) == ["poison", "evaluate"]
+    for name in PIPELINE:
+        runstate.run_stage(cfg, name)
+    after = json.loads((run / "metrics.json").read_text())
+    assert after["eval/clean_acc"] == before["eval/clean_acc"] and after["attack/asr"] == before["attack/asr"]
+    assert stale(cfg) == []
