@@ -91,7 +91,18 @@ def check_command_line(args: list[str]) -> None:
         return
     try:
         precheck([a for a in args if not a.startswith(("hydra.", "hydra/"))])
-    except ClipbdError as e:
-        die(str(e))
     except Exception as e:  # noqa: BLE001 - any composition failure is the user's config
-        die(one_line_composition_error(e))
+        msg = str(e) if isinstance(e, ClipbdError) else one_line_composition_error(e)
+        _append_run_log(args, msg)
+        die(msg)
+
+
+def _append_run_log(args: list[str], msg: str) -> None:
+    """An error found before Hydra starts goes to the run directory's run.log too, if the run
+    directory (`hydra.run.dir=...`) already exists (a re-run of an earlier run)."""
+    import time
+
+    dirs = [a.split("=", 1)[1].strip("'\"") for a in args if a.startswith("hydra.run.dir=")]
+    if dirs and Path(dirs[-1]).is_dir():
+        with open(Path(dirs[-1]) / "run.log", "a") as fh:
+            fh.write(f"[{time.strftime('%H:%M:%S')} clipbd] clipbd: error: {msg}\n")
