@@ -26,9 +26,9 @@ from omegaconf import DictConfig
 from clipbd.data.loader import ShardDataset, make_loader
 from clipbd.data.shards import build_index
 from clipbd.data.sources import class_names, prompt_fn, test_shards
+from clipbd.errors import ConfigError
 from clipbd.metrics import accuracy, attack_success
 from clipbd.models.zeroshot import class_embeddings
-from clipbd.errors import ConfigError
 from clipbd.utils import derive_seed, progress
 
 log = logging.getLogger("clipbd")
