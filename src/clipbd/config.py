@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 # Every stage, in the order a run executes the selected ones. Adding a stage: a module
 # clipbd/stages/<name>.py with main(cfg), DEPENDS (or depends(cfg)), UPSTREAM (and UNKEYED, check(cfg),
@@ -26,7 +27,9 @@ class SyntheticConfig:
     num_train: int = 10_000
     num_test: int = 2_000
     samples_per_shard: int = 1_000
-    seed: int = 1234  # the data's own seed: fixed across runs that vary `seed`
+    # The world's own seed. conf/dataset/synthetic.yaml sets it to 1234 + the run's `seed`, so
+    # `seed=N` draws a new world as well as a new plan and initialisation; pin it to vary only those.
+    seed: int = 1234
     world: Dict[str, Any] = field(default_factory=dict)  # clipbd.data.synthetic.WorldConfig kwargs
 
 
@@ -125,6 +128,10 @@ class ScoringConfig:
 
     reference: Any = field(default_factory=lambda: {"_target_": "clipbd.scoring.InBatch"})
     batch_size: int = 1024  # batch: the scoring batch (the paper's global batch)
+    # Neighbourhood size of the neighbourhood detectors (conf/detector/{dao,slof,kdist,lid}.yaml read
+    # it as ${scoring.k}; `detector.<name>.k=N` sets one alone). The paper's 16; it must exceed the
+    # number of poisons a scoring batch holds (docs/detectors.md, experiments/default/README.md).
+    k: int = 16
     # image | text | image+text (query: image rows; reference: image and caption rows, as the paper)
     features: str = "image"
     bank_size: int = 4096  # bank: reference rows drawn with the seed from bank_source (all if fewer)
@@ -183,4 +190,7 @@ class ClipbdConfig:
 
 
 def register_configs() -> None:
+    # `${clipbd.add:1234,${seed}}`: integer sum, for seeds derived from the run's seed in YAML.
+    if not OmegaConf.has_resolver("clipbd.add"):
+        OmegaConf.register_new_resolver("clipbd.add", lambda *xs: sum(int(x) for x in xs))
     ConfigStore.instance().store(name="clipbd_schema", node=ClipbdConfig)

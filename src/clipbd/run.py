@@ -22,7 +22,7 @@ from clipbd import dist, tracking
 from clipbd.cli import CONF_DIR, check_command_line, die, normalize_overrides
 from clipbd.config import STAGE_ORDER, register_configs
 from clipbd.errors import ClipbdError, ConfigError
-from clipbd.utils import atomic_path, git_revision, read_json, set_progress_mode, write_json
+from clipbd.utils import atomic_path, git_revision, machine, read_json, set_progress_mode, write_json
 
 log = logging.getLogger("clipbd")
 register_configs()
@@ -105,7 +105,8 @@ def _write_attempt(cfg: DictConfig, run_dir: Path, overrides: list[str] | None, 
     attempt.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, attempt / "config.yaml", resolve=True)
     write_json(attempt / "meta.json", {"git": git_revision(), "argv": sys.argv, "overrides": overrides,
-                                       "started": time.strftime("%Y-%m-%dT%H:%M:%S", now), "world": world})
+                                       "started": time.strftime("%Y-%m-%dT%H:%M:%S", now), "world": world,
+                                       **machine()})
     return attempt
 
 

@@ -83,6 +83,22 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()[:16]
 
 
+def machine() -> dict:
+    """What a run's numbers depend on besides the config: CPU model and torch's thread count (runs are
+    bitwise deterministic only for the same CPU kind, torch build and thread count)."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
 def git_revision() -> str:
     here = Path(__file__).resolve().parent
     try:

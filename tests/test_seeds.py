@@ -1,0 +1,75 @@
+"""The default as a distribution over seeds (issue 18): what `seed` varies, the seeds experiment,
+the scoring regime's k, and the spread collector."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+
+from conftest import CONF, ROOT, compose_cfg
+
+NEIGHBOURHOOD = ("dao", "slof", "kdist", "lid")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 4])
+def test_seed_draws_a_new_world_too(seed):
+    cfg = compose_cfg([f"seed={seed}"])
+    assert cfg.dataset.synthetic.seed == 1234 + seed  # seed 0 keeps the world of earlier releases
+    pinned = compose_cfg([f"seed={seed}", "dataset.synthetic.seed=1234"])
+    assert pinned.dataset.synthetic.seed == 1234
+
+
+def test_seeds_experiment_sweeps_five_seeds():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["+experiment=seeds"], return_hydra_config=True)
+    assert [int(s) for s in str(cfg.hydra.sweeper.params.seed).split(",")] == [0, 1, 2, 3, 4]
+    assert cfg.name == "seeds"
+
+
+def test_detectors_take_the_scoring_regimes_k():
+    default = compose_cfg()
+    assert (default.scoring.batch_size, default.scoring.k) == (1024, 128)
+    assert {default.detector[d].k for d in NEIGHBOURHOOD} == {128}
+    # the paper's k for real data at paper rates, and a small k for the smoke run's 100-batches
+    for exp, k in (("cc3m_badnet_dao", 16), ("scan", 16), ("smoke", 16)):
+        cfg = compose_cfg([f"+experiment={exp}"])
+        assert cfg.scoring.k == k, exp
+    one = compose_cfg(["detector.dao.k=32"])
+    assert one.detector.dao.k == 32 and one.detector.slof.k == 128
+
+
+def _run(tmp_path, name, attack, seed, threads, values):
+    run = tmp_path / name
+    run.mkdir()
+    cfg = {"seed": seed, "attack": {"_target_": f"clipbd.attacks.{attack}.BadNets"} if attack else None,
+           "dataset": {"synthetic": {"seed": 1234 + seed}}}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (run / "meta.json").write_text(json.dumps({"threads": threads, "cpu": "test cpu"}))
+    (run / "metrics.json").write_text(json.dumps(values))
+
+
+def test_collector_reports_mean_min_max_per_attack_and_thread_count(tmp_path):
+    for seed, (asr, dao) in enumerate([(1.0, 0.99), (0.9, 0.95), (0.95, 0.97)]):
+        _run(tmp_path, f"bn{seed}", "badnets", seed, 2, {"attack/asr": asr, "detect/dao/auroc": dao,
+                                                        "eval/clean_acc": 0.8 + seed / 100})
+    _run(tmp_path, "clean0", None, 0, 2, {"eval/clean_acc": 0.6})
+    _run(tmp_path, "bn0t1", "badnets", 0, 1, {"attack/asr": 0.5, "eval/clean_acc": 0.7})
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments/seeds/collect.py"), str(tmp_path),
+                           "--out", str(out)], capture_output=True, text=True, check=True)
+    text = (out / "summary.md").read_text()
+    assert text == proc.stdout.rstrip("\n") + "\n"
+    blocks = {b.split(":")[0]: b for b in text.split("### ")[1:]}
+    bn = blocks["attack=badnets, threads=2"]
+    assert "3 runs (seeds [0, 1, 2])" in bn
+    assert "| attack/asr | 0.950 | 0.900 | 1.000 | 0.100 |" in bn
+    assert "| eval/clean_acc | 0.810 | 0.800 | 0.820 | 0.020 |" in bn
+    assert "| attack/asr | 0.500 | 0.500 | 0.500 | 0.000 |" in blocks["attack=badnets, threads=1"]
+    assert "| eval/clean_acc | 0.600 |" in blocks["attack=none, threads=2"]
+    rows = (out / "runs.csv").read_text().splitlines()
+    assert len(rows) == 1 + 5
