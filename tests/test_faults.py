@@ -286,7 +286,7 @@ def _artifacts(run_dir: Path) -> dict[str, object]:
     out |= {f"model:{k}": v.numpy().tobytes() for k, v in ckpt["model"].items()}
     for g in sorted((run_dir / "shards").glob("extract-*.h5")):
         with h5py.File(g, "r") as f:
-            out |= {f"{g.name}:{k}": f[k][()].tolist() for k in ("index", "key", "image_emb", "text_emb", "scores/dao")}
+            out |= {f"{g.name}:{k}": f[k][()].tolist() for k in ("index", "key", "image_emb", "text_emb")}
     return out
 
 

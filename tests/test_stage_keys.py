@@ -12,7 +12,7 @@ import pytest
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from clipbd import runstate
-from clipbd.config import STAGE_ORDER
+from clipbd.config import PIPELINE, STAGE_ORDER
 
 pytestmark = pytest.mark.slow
 
@@ -61,16 +61,21 @@ def _under(key: str, prefixes) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
-def covered_by(name: str, run_dir) -> tuple[set[str], set[str]]:
+def covered_by(name: str, cfg: DictConfig) -> tuple[set[str], set[str]]:
     """(keys hashed into stage `name`'s key, directly or through the upstream stages that ran (a
-    stage that did not run has no key to pass on); keys it may read unkeyed: UNKEYED, plumbing)."""
+    stage that did not run has no key to pass on); keys it may read unkeyed: UNKEYED, plumbing, and
+    what `depends(cfg)` reads to decide which keys are hashed — the key is a function of that choice)."""
     mod = runstate.stage_module(name)
     conditional = getattr(mod, "UPSTREAM_IF", {})  # upstream only when its key is set: that key decides
-    keyed = set(mod.DEPENDS) | set(conditional.values())
+    deciding: set[str] = set()
+    with recording(cfg, deciding):
+        keyed = set(runstate.depends(mod, cfg)) | set(conditional.values())
+    free = set(getattr(mod, "UNKEYED", ())) | set(runstate.PLUMBING) | deciding
     for up in (*mod.UPSTREAM, *conditional):
-        if runstate.read_marker(run_dir, up) is not None:
-            keyed |= covered_by(up, run_dir)[0]
-    return keyed, set(getattr(mod, "UNKEYED", ())) | set(runstate.PLUMBING)
+        if runstate.read_marker(cfg.run_dir, up) is not None:
+            up_keyed, up_free = covered_by(up, cfg)
+            keyed |= up_keyed
+    return keyed, free
 
 
 def unkeyed_reads(cfg: DictConfig, stages) -> dict[str, list[str]]:
@@ -83,7 +88,7 @@ def unkeyed_reads(cfg: DictConfig, stages) -> dict[str, list[str]]:
             if hasattr(mod, "check"):
                 mod.check(cfg)
             runstate.run_stage(cfg, name)
-        keyed, free = covered_by(name, cfg.run_dir)
+        keyed, free = covered_by(name, cfg)
         # a read of a whole section is covered only if the whole section is keyed
         wrong = sorted(r for r in reads if r and not _under(r, keyed | free))
         if wrong:
@@ -123,3 +128,24 @@ def test_changing_the_checkpoint_re_evaluates(tiny_cfg, tmp_path):
     OmegaConf.update(tiny_cfg, "train.checkpoint_every", 1)
     assert runstate.stage_key(tiny_cfg, "pretrain") == b
     assert json.dumps(sorted(runstate.PLUMBING))  # the plumbing list is data, printed in failures
+
+
+def test_keys_honest_for_image_detectors_a_heldout_bank_and_a_plan_that_reads_the_test_split(tmp_path):
+    """The config-dependent keys (`depends(cfg)`): extract keys the image detector (cd) and the
+    held-out bank it embeds, poison keys what the targeted attack's plan reads (the test split, its
+    labels, the model), and list-valued keys hash."""
+    from conftest import compose_cfg
+
+    cfg = compose_cfg(["+experiment=smoke", "device=cpu", "logging.wandb.mode=disabled", "logging.progress=never",
+                       "attack=targeted", "detector=[dao,cd,clipscore]", "detector.cd.steps=1", "scoring=bank",
+                       "scoring.bank_source=test", "scoring.bank_size=50",
+                       "dataset.classes=[circle,square,triangle,star,cross,heart,ring,banana]"],
+                      run_dir=tmp_path / "run")
+    OmegaConf.update(cfg, "stages", list(PIPELINE), merge=False)
+    bad = unkeyed_reads(cfg, PIPELINE)
+    assert not bad, f"config keys read but not in the stage key: {bad}"
+    extract = runstate.stage_module("extract")
+    assert {"detector.cd", "scoring.bank_size", "dataset.test_shards"} <= set(runstate.depends(extract, cfg))
+    assert "detector.dao" not in runstate.depends(extract, cfg)
+    poison = runstate.stage_module("poison")
+    assert {"dataset.test_shards", "dataset.label_key", "model"} <= set(runstate.depends(poison, cfg))

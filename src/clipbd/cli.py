@@ -12,6 +12,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from clipbd.errors import ClipbdError
+
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
@@ -54,11 +56,15 @@ def _suggest(full_key: str) -> str:
 
 
 def precheck(overrides: list[str]) -> None:
-    """Compose the config as the run will (without the `hydra.*` overrides): raises on a bad key."""
+    """Compose the config as the run will (without the `hydra.*` overrides): raises on a bad key or
+    a `_target_` outside the allow-list (clipbd.registry.check_targets)."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        compose(config_name="config", overrides=overrides)
+        cfg = compose(config_name="config", overrides=overrides)
+    from clipbd.registry import check_targets
+
+    check_targets(cfg)  # a config is data: refuse a `_target_` outside the allow-list before Hydra runs
 
 
 _BRACE_RANGE = re.compile(r"^([\w.+~/@-]+)=([^'\"\[].*\{[^{}]*\.\.[^{}]*\}.*)$")
@@ -86,4 +92,17 @@ def check_command_line(args: list[str]) -> None:
     try:
         precheck([a for a in args if not a.startswith(("hydra.", "hydra/"))])
     except Exception as e:  # noqa: BLE001 - any composition failure is the user's config
-        die(one_line_composition_error(e))
+        msg = str(e) if isinstance(e, ClipbdError) else one_line_composition_error(e)
+        _append_run_log(args, msg)
+        die(msg)
+
+
+def _append_run_log(args: list[str], msg: str) -> None:
+    """An error found before Hydra starts goes to the run directory's run.log too, if the run
+    directory (`hydra.run.dir=...`) already exists (a re-run of an earlier run)."""
+    import time
+
+    dirs = [a.split("=", 1)[1].strip("'\"") for a in args if a.startswith("hydra.run.dir=")]
+    if dirs and Path(dirs[-1]).is_dir():
+        with open(Path(dirs[-1]) / "run.log", "a") as fh:
+            fh.write(f"[{time.strftime('%H:%M:%S')} clipbd] clipbd: error: {msg}\n")

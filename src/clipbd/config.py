@@ -13,7 +13,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 # Every stage, in the order a run executes the selected ones. Adding a stage: a module
-# clipbd/stages/<name>.py with main(cfg), DEPENDS, UPSTREAM (and UNKEYED, check(cfg) if needed), and
+# clipbd/stages/<name>.py with main(cfg), DEPENDS (or depends(cfg)), UPSTREAM (and UNKEYED, check(cfg),
+# NEEDS_MODEL, EARLY_CUTOFF if needed: clipbd.runstate), and
 # its name here (docs/architecture.md, "Adding a stage"). `filter` and `invert` run only when listed;
 # invert sits before report so that a report run after it shows the inverted trigger.
 STAGE_ORDER = ("data", "poison", "filter", "pretrain", "extract", "reduce", "invert", "report", "evaluate",
@@ -111,6 +112,14 @@ class FilterConfig:
     source_run: Optional[str] = None  # finished run dir with scores.h5, same data/attack/seed as this run
     detector: str = "dao"  # a detector scored in the source run's scores.h5
     drop_fraction: float = 0.0  # fraction of training samples dropped, most suspicious first
+
+
+@dataclass
+class PluginsConfig:
+    """What a config may execute (README, "What a config may run"): `_target_` nodes name clipbd's
+    plug-ins, or callables of the modules listed here (`plugins.allow=[mypkg]`: you trust mypkg)."""
+
+    allow: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -246,6 +255,7 @@ class ClipbdConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     decompose: DecomposeConfig = field(default_factory=DecomposeConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    plugins: PluginsConfig = field(default_factory=PluginsConfig)
 
 
 def register_configs() -> None:

@@ -5,9 +5,9 @@ Stages talk to each other only through these files (docs/architecture.md, "Artif
     data_index.h5, data.json        data       the training shards, indexed
     poison_plan.json                poison     which samples are poisoned, and how
     checkpoints/{epoch_N,latest}.pt pretrain   the trained CLIP
-    shards/extract-XXXXX.h5         extract    embeddings and scores of one group of shards
+    shards/extract-XXXXX.h5         extract    embeddings (+ image-detector scores) of one group of shards
     shards/bank.h5                  extract    a held-out reference bank (scoring=bank)
-    scores.h5, ranked.csv           reduce     every sample's scores, most suspicious first
+    scores.h5, ranked.csv           reduce     every sample's scores (scored from the embeddings), most suspicious first
     metrics.json                    reduce, evaluate, ...: flat namespaced metrics (prefix per stage)
 """
 

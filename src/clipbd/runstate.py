@@ -1,20 +1,28 @@
 """Which stages of a run directory are complete, and whether they still match the config.
 
-A finished stage leaves `<run_dir>/stages/<name>.json`: a key (hash of the config sections the stage
-reads plus its upstream stages' keys), the outputs it produced, timing and the git revision. A stage
-whose marker has the current key and whose outputs all exist is skipped; a changed config changes
-the key, so that stage and everything downstream of it runs again.
+A finished stage leaves `<run_dir>/stages/<name>.json`: a key (hash of the config keys the stage
+reads — `DEPENDS`, or `depends(cfg)` where what it reads depends on the config — plus its upstream
+stages' ids), the outputs it produced, timing and the git revision. A stage whose marker has the
+current key and whose outputs all exist is skipped; a changed config changes the key, so that stage
+runs again.
+
+Early cutoff (as in build systems): a stage that declares `EARLY_CUTOFF = True` (cheap outputs: data,
+poison) records an `identity` of its outputs (`identity(outputs)`, else a digest of the files). When it
+re-runs and its outputs are what they were, its marker keeps its previous `id`, and that id — not the
+new key — is what downstream keys hash: a re-indexed dataset or a re-drawn poison plan that came out
+the same never retrains. Markers written before ids existed count their key as their id.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from clipbd import dist
 from clipbd.config import STAGE_ORDER
@@ -44,18 +52,41 @@ def read_marker(run_dir: str | Path, name: str) -> dict | None:
 
 
 def _select(cfg: DictConfig, key: str) -> Any:
+    """The value at `key` as plain data (dicts and lists of any depth: a list-valued key such as
+    `dataset.test_shards=[a.tar,b.tar]` hashes like any other)."""
     node = OmegaConf.select(cfg, key)
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+
+
+def depends(mod: Any, cfg: DictConfig) -> tuple[str, ...]:
+    """The config keys stage module `mod` reads for this config: `depends(cfg)` if the stage has one
+    (what it reads depends on the config, e.g. only the detectors that need images), else DEPENDS."""
+    fn = getattr(mod, "depends", None)
+    return tuple(fn(cfg)) if fn is not None else tuple(mod.DEPENDS)
+
+
+def _drop(parts: dict[str, Any], dotted: str) -> None:
+    """Remove the setting `dotted` (UNKEYED) from whichever hashed section holds it."""
+    for section, value in parts.items():
+        if dotted.startswith(section + "."):
+            *path, leaf = dotted[len(section) + 1:].split(".")
+            for p in path:
+                value = value.get(p) if isinstance(value, dict) else None
+            if isinstance(value, dict):
+                value.pop(leaf, None)
+
+
+def marker_id(marker: dict | None) -> str | None:
+    """What downstream keys hash for an upstream stage (its key unless early cutoff kept an older id)."""
+    return None if marker is None else marker.get("id", marker["key"])
 
 
 def stage_key(cfg: DictConfig, name: str) -> str:
-    """Hash of what stage `name` reads: its config sections and its upstream stages' keys."""
+    """Hash of what stage `name` reads: its config keys and its upstream stages' ids."""
     mod = stage_module(name)
-    parts: dict[str, Any] = {k: _select(cfg, k) for k in mod.DEPENDS}
+    parts: dict[str, Any] = {k: _select(cfg, k) for k in depends(mod, cfg)}
     for dotted in getattr(mod, "UNKEYED", ()):  # settings that do not change the outputs
-        section, _, leaf = dotted.rpartition(".")
-        if isinstance(parts.get(section), dict):
-            parts[section].pop(leaf, None)
+        _drop(parts, dotted)
     for dotted in getattr(mod, "UNKEYED_IF_NULL", ()):  # a setting added later, at its null default,
         section, _, leaf = dotted.rpartition(".")          # keeps the keys of runs made before it
         if isinstance(parts.get(section), dict) and parts[section].get(leaf, 0) is None:
@@ -63,9 +94,32 @@ def stage_key(cfg: DictConfig, name: str) -> str:
     ups = list(mod.UPSTREAM) + [up for up, when in getattr(mod, "UPSTREAM_IF", {}).items()
                                 if _select(cfg, when) is not None]  # upstream only when configured
     for up in ups:
-        marker = read_marker(cfg.run_dir, up)
-        parts[f"stage:{up}"] = marker["key"] if marker else None
+        parts[f"stage:{up}"] = marker_id(read_marker(cfg.run_dir, up))
     return stable_hash(parts)
+
+
+def digest_paths(paths) -> str:
+    """sha256 (16 hex) of the bytes of every file under `paths` (files or directories), by name."""
+    h = hashlib.sha256()
+    for p in sorted(Path(p) for p in paths):
+        for f in sorted(p.rglob("*")) if p.is_dir() else [p]:
+            if f.is_file():
+                h.update(f"{f.relative_to(p.parent)}\0".encode())
+                with open(f, "rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def output_identity(mod: Any, outputs: dict) -> str | None:
+    """The identity of a stage's outputs (EARLY_CUTOFF stages), None if they are not all there."""
+    if not getattr(mod, "EARLY_CUTOFF", False) or not outputs:
+        return None
+    paths = {k: Path(v) for k, v in outputs.items()}
+    if not all(p.exists() for p in paths.values()):
+        return None
+    fn = getattr(mod, "identity", None)
+    return fn(paths) if fn is not None else digest_paths(paths.values())
 
 
 def is_complete(cfg: DictConfig, name: str) -> bool:
@@ -92,13 +146,31 @@ def stage_seconds(run_dir: str | Path, name: str) -> float | None:
 
 
 def check_stages(cfg: DictConfig) -> None:
-    """Run the `check(cfg)` of every selected stage that has one, before the first stage starts:
-    a value that cannot work fails in seconds, not after pretraining."""
-    for name in STAGE_ORDER:
-        if name in cfg.stages:
-            check = getattr(stage_module(name), "check", None)
-            if check is not None:
-                check(cfg)
+    """Before the first stage starts: every `_target_` is allow-listed (before anything is built),
+    the config's values and plug-ins are valid (clipbd.checks), a trained model exists for the
+    stages that need one (NEEDS_MODEL), and the `check(cfg)` of every selected stage that has one
+    passes: a value that cannot work fails in seconds, not after pretraining."""
+    from clipbd import checks
+    from clipbd.registry import check_targets
+
+    check_targets(cfg)
+    checks.check_values(cfg)
+    checks.check_plugins(cfg)
+    checks.check_inputs(cfg)
+    selected = [name for name in STAGE_ORDER if name in cfg.stages]
+    checks.check_checkpoint(cfg, [n for n in selected if getattr(stage_module(n), "NEEDS_MODEL", False)])
+    for name in selected:
+        check = getattr(stage_module(name), "check", None)
+        if check is not None:
+            check(cfg)
+
+
+def _previous_identity(mod: Any, prev: dict | None) -> str | None:
+    """The identity of the outputs an earlier run of the stage left (recorded, or computed from the
+    files for a marker written before identities were recorded)."""
+    if prev is None:
+        return None
+    return prev.get("identity") or output_identity(mod, prev.get("outputs", {}))
 
 
 def run_stage(cfg: DictConfig, name: str) -> dict[str, Path]:
@@ -108,13 +180,21 @@ def run_stage(cfg: DictConfig, name: str) -> dict[str, Path]:
         return {k: Path(v) for k, v in read_marker(cfg.run_dir, name)["outputs"].items()}
     log.info("stage %-8s running", name)
     _EARLIER.pop(name, None)  # a failed earlier call in this process must not count
+    prev = read_marker(cfg.run_dir, name)
+    before = _previous_identity(mod, prev) if dist.is_main() else None
     t0 = time.time()
     outputs = mod.main(cfg) or {}
     seconds = time.time() - t0 + _EARLIER.pop(name, 0.0)
     if dist.is_main():
+        key, identity = stage_key(cfg, name), output_identity(mod, outputs)
+        same = before is not None and before == identity
+        if same and marker_id(prev) != key:
+            log.info("stage %-8s outputs unchanged: downstream stages keep their results", name)
         write_json(marker_path(cfg.run_dir, name), {
             "stage": name,
-            "key": stage_key(cfg, name),
+            "key": key,
+            "id": marker_id(prev) if same else key,
+            "identity": identity,
             "outputs": {k: str(v) for k, v in outputs.items()},
             "seconds": round(seconds, 3),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),

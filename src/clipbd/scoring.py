@@ -3,16 +3,16 @@
 class, with no list of names here.
 
 needs            detectors                        scored where, on what
-"neighbourhood"  Neighbourhood (kdist/lid/slof/   the feature space against the reference set: `batch`
-                 dao/lid_mom)                     in extract (per scoring batch); `bank` and `global`
-"reference"      IsolationForest                  in reduce, once every extraction group exists
-"pairs"          CLIPScore                        extract: each sample's image and caption embeddings
 "images"         CognitiveDistillation            extract: each image, with the model, while embedding
-"training"       ABL                              extract: the pretrain stage's per-sample losses
+"neighbourhood"  Neighbourhood (kdist/lid/slof/   reduce, from the stored embeddings: the feature space
+                 dao/lid_mom)                     against the reference set (`batch`: per scoring batch
+"reference"      IsolationForest                  of each extraction group; `bank`, `global`: once)
+"pairs"          CLIPScore                        reduce: each sample's image and caption embeddings
+"training"       ABL                              reduce: the pretrain stage's per-sample losses
 
-Why bank/global scoring happens in reduce: a sample's neighbours there come from every extraction
-group (global) or from a bank drawn across the whole dataset, so it needs all embeddings first; the
-extraction groups stay independent (one job-array task each), and one reduce does the rest.
+Only the detectors that need images are scored while embedding; everything else is a function of the
+embeddings extract stores, so a detector or scoring change re-scores them without re-encoding (the
+extract stage's key holds only the image detectors' settings).
 """
 
 from __future__ import annotations
@@ -63,6 +63,47 @@ def build_scoring(cfg: DictConfig) -> "Scoring":
     return build({**settings, **node}, "scoring.reference")
 
 
+def needs_of(node: DictConfig) -> str | None:
+    """What the detector node's class `needs` (its `_target_` alone is read)."""
+    return getattr(get_object(node._target_), "needs", None)
+
+
+def image_detector_names(cfg: DictConfig) -> list[str]:
+    """The configured detectors scored on the images while embedding (needs="images")."""
+    return [n for n in cfg.detector if needs_of(cfg.detector[n]) == "images"]
+
+
+def image_detectors(cfg: DictConfig) -> dict:
+    return {n: build(cfg.detector[n], f"detector.{n}") for n in image_detector_names(cfg)}
+
+
+def heldout_bank_keys(cfg: DictConfig) -> tuple[str, ...]:
+    """The scoring keys extract reads when it embeds a held-out bank (scoring=bank with
+    bank_source test or shards), else none."""
+    uses = getattr(get_object(cfg.scoring.reference._target_), "uses_bank", False)
+    if not uses or cfg.scoring.bank_source == "train":
+        return ()
+    test = ("dataset.test_shards",) if cfg.scoring.bank_source == "test" else ()
+    return ("scoring.reference", "scoring.bank_source", "scoring.bank_size", "seed") + test
+
+
+def embedding_scores(emb: dict, detectors: dict, scorer: "Scoring", seed: int, run_dir) -> tuple[dict, np.ndarray]:
+    """The scores of one extraction group's samples computed from its stored embeddings (every
+    detector but those that need images): pair and training detectors, and the reference-set
+    detectors when the scoring is per group (scoring=batch); each sample's scoring batch id."""
+    n = len(emb["index"])
+    here = {m: d for m, d in detectors.items()
+            if d.needs in ("pairs", "training") or (scorer.per_group and d.needs in ON_REFERENCE)}
+    if n == 0:
+        return {m: np.empty(0) for m in here}, np.empty(0, dtype=np.int32)
+    scores = pair_scores(emb, here) | training_scores(emb, here, run_dir)
+    batch_id = np.zeros(n, dtype=np.int32)
+    if scorer.per_group:
+        ref_scores, batch_id = scorer.score_group(emb, here, seed)
+        scores |= ref_scores
+    return scores, batch_id
+
+
 def detector_seed(seed: int, name: str) -> int:
     return derive_seed(seed, f"detector/{name}")
 
@@ -84,7 +125,8 @@ class Scoring:
     image and caption rows, as the paper)."""
 
     name = ""
-    where = "reduce"
+    per_group = False  # scored per extraction group (in-batch) rather than once over every sample
+    uses_bank = False  # whether a held-out bank may be embedded for it (scoring.bank_source)
     heldout = False  # whether extract embeds a held-out bank (shards/bank.h5)
 
     def __init__(self, features: str = "image"):
@@ -95,7 +137,7 @@ class Scoring:
     def check(self, detectors: dict) -> None:
         """Fail before any model is loaded, naming the key, for settings the detectors cannot work with."""
         faithful = [n for n, d in by_need(detectors, "neighbourhood").items() if d.convention == "faithful"]
-        if faithful and self.where != "extract":
+        if faithful and not self.per_group:
             raise ConfigError(f"detector.{faithful[0]}.convention=faithful reproduces the published in-batch "
                               f"arithmetic; with scoring={self.name} use convention=textbook")
 
@@ -113,9 +155,10 @@ class Scoring:
 
 class InBatch(Scoring):
     """Each sample against the other samples of its scoring batch (Huang et al., ICLR 2025, §3):
-    a group's rows cut in index order into batches of about `batch_size`; scored by extract."""
+    a group's rows cut in index order into batches of about `batch_size`; scored by reduce, one
+    extraction group at a time, from the stored embeddings."""
 
-    name, where = "batch", "extract"
+    name, per_group = "batch", True
 
     def __init__(self, batch_size: int = 1024, features: str = "image"):
         super().__init__(features)
@@ -148,7 +191,7 @@ class Bank(Scoring):
     excludes its own rows; `test` (the held-out test shards) or clean shards (a brace pattern, glob,
     directory or list) are embedded by extract into shards/bank.h5."""
 
-    name = "bank"
+    name, uses_bank = "bank", True
 
     def __init__(self, bank_size: int = 4096, bank_source: Any = "train", features: str = "image"):
         super().__init__(features)

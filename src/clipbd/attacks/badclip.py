@@ -37,6 +37,9 @@ log = logging.getLogger("clipbd")
 
 class BadCLIPPatch(BadNets):
     name = "badclip"
+    # config its plan reads through the PlanContext (the poison stage keys them): the surrogate
+    # CLIP it optimises against (model.checkpoint, else trained here with the train settings)
+    plan_reads = ("model", "train")
 
     def __init__(self, poison_rate: float = 0.01, target_class: str = "banana",
                  target_captions: Sequence[str] | None = None, patch_size: int = 16, grid: int = 4,

@@ -24,6 +24,7 @@ from clipbd.attacks.base import Attack
 
 class PluginTrigger(Attack):
     name = "plugin"
+    CALLABLE_KEYS = ("generator",)  # a dotted callable: allow-listed like a _target_ (clipbd.registry)
 
     def __init__(self, poison_rate: float = 0.01, target_class: str = "banana",
                  target_captions: Sequence[str] | None = None, generator: str | None = None,

@@ -13,6 +13,7 @@ its shard in tar order. It is stable for a fixed shard list; ``ShardIndex`` maps
 from __future__ import annotations
 
 import glob
+import filecmp
 import hashlib
 import io
 import json
@@ -655,10 +656,15 @@ class ShardWriter:
         self.count += 1
 
     def close(self) -> None:
+        """Rename the temp file into place — unless `path` already holds the same bytes: then it is
+        kept as it is (its mtime, which the shard index fingerprints, stays)."""
         if self._tar is not None:
             self._tar.close()
             self._tar = None
-            os.replace(self.tmp, self.path)
+            if os.path.isfile(self.path) and filecmp.cmp(self.tmp, self.path, shallow=False):
+                os.remove(self.tmp)
+            else:
+                os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
         if self._tar is not None:

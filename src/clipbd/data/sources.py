@@ -21,7 +21,13 @@ def load_index(cfg: DictConfig) -> ShardIndex:
 
 
 def test_shards(cfg: DictConfig) -> list[str]:
-    return list(read_json(Path(cfg.run_dir) / "data.json")["test_shards"])
+    """The held-out shards: `dataset.test_shards` (a brace pattern, glob, directory or list), else
+    the test split the data stage wrote (synthetic data), else none."""
+    given = cfg.dataset.test_shards
+    if given is not None:
+        return expand_shards(given if isinstance(given, str) else OmegaConf.to_container(given, resolve=True))
+    manifest = Path(cfg.run_dir) / "data.json"
+    return list(read_json(manifest).get("test_shards", [])) if manifest.exists() else []
 
 
 def heldout_shards(cfg: DictConfig) -> list[str]:

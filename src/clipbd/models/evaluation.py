@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 from clipbd.data.loader import ShardDataset, make_loader
 from clipbd.data.shards import build_index
 from clipbd.data.sources import class_names, prompt_fn, test_shards
+from clipbd.errors import ConfigError
 from clipbd.metrics import accuracy, attack_success
 from clipbd.models.zeroshot import class_embeddings
 from clipbd.utils import derive_seed, progress
@@ -78,8 +79,8 @@ def evaluate_model(cfg: DictConfig, bundle, attack, device: str) -> dict[str, fl
     triggers = attack.test_triggers() if attack is not None else {}
     pred, bd_preds, labels = predict(bundle, make_loader(ds, cfg.eval.batch_size), class_emb, device, triggers)
     if (labels < 0).any() or (labels >= len(classes)).any():
-        raise ValueError(f"evaluate: test labels outside [0, {len(classes)}) — is dataset.label_key="
-                         f"{cfg.dataset.label_key} the json field holding the class index?")
+        raise ConfigError(f"evaluate: test labels outside [0, {len(classes)}) — is dataset.label_key="
+                          f"{cfg.dataset.label_key} the json field holding the class index?")
     metrics = {"eval/clean_acc": accuracy(pred, labels)}
     if triggers:
         metrics |= attack_metrics(bd_preds, labels, triggers, classes)

@@ -9,6 +9,7 @@ listed in `skipped.csv` and counted in metrics.json (`data/skipped/<reason>`, `d
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -16,12 +17,32 @@ from omegaconf import DictConfig, OmegaConf
 from clipbd import dist
 from clipbd.data.shards import ON_ERROR, build_index, expand_shards, write_skipped
 from clipbd.errors import ConfigError
-from clipbd.utils import progress_enabled, read_json, write_json
+from clipbd.utils import progress_enabled, read_json, stable_hash, write_json
 
-DEPENDS = ("dataset", "data")
-UNKEYED = ("data.workers",)  # how many threads index does not change the index
+# What the index is made of: the synthetic world or the training shards, and the bad-sample policy.
+# Not the evaluation settings (test_shards, classes, prompts, label_key): the stages that read them
+# key them, so changing one never re-indexes (and never retrains).
+DEPENDS = ("dataset.synthetic", "dataset.shards", "data")
+# thread count: the same index; dataset.name: named in a message only
+UNKEYED = ("data.workers", "dataset.name")
 UPSTREAM: tuple[str, ...] = ()
+# Re-indexing the same shards gives the same index: downstream stages keep their results.
+EARLY_CUTOFF = True
 log = logging.getLogger("clipbd")
+
+
+def identity(outputs: dict[str, Path]) -> str:
+    """What downstream stages see of the data stage: the index fingerprint (shard paths, counts,
+    sizes, mtimes, skips) and the written test split's paths, sizes and mtimes. Synthetic shards
+    are replaced only when their bytes change (ShardWriter), so regenerating the same world keeps them."""
+    manifest = read_json(outputs["manifest"])
+    test = [(p, *_stat(p)) for p in manifest.get("test_shards", [])]
+    return stable_hash({"train": manifest["fingerprint"], "test": test})
+
+
+def _stat(path: str) -> tuple[int, int]:
+    st = os.stat(path) if os.path.exists(path) else None
+    return (st.st_size, st.st_mtime_ns) if st else (-1, -1)
 
 
 def _synthetic(cfg: DictConfig, out: Path) -> tuple[list[str], list[str]]:
@@ -68,14 +89,15 @@ def main(cfg: DictConfig) -> dict[str, Path]:
             if ds.shards is None:
                 raise ConfigError(f"dataset.shards is not set for dataset '{ds.name}': point it at your "
                                   f"img2dataset webdataset shards, e.g. dataset.shards=/data/cc3m/{{00000..00331}}.tar")
-            train = expand_shards(OmegaConf.to_container(ds.shards) if not isinstance(ds.shards, str) else ds.shards)
-            test = (expand_shards(OmegaConf.to_container(ds.test_shards) if not isinstance(ds.test_shards, str)
-                                  else ds.test_shards) if ds.test_shards is not None else [])
+            train, test = expand_shards(OmegaConf.to_container(ds.shards) if not isinstance(ds.shards, str)
+                                        else ds.shards), None
         index = build_index(train, progress=progress_enabled(), workers=cfg.data.workers, on_error=on_error)
         index.save(run_dir / "data_index.h5")
         _record_skips(run_dir, index, on_error)
-        manifest = {"train_shards": list(index.shards), "test_shards": test, "num_train": len(index),
-                    "fingerprint": index.fingerprint()}
+        # test_shards: the split this stage wrote (synthetic); given test shards are read from the
+        # config by the stages that use them (clipbd.data.sources.test_shards)
+        manifest = {"train_shards": list(index.shards)} | ({"test_shards": test} if test is not None else {})
+        manifest |= {"num_train": len(index), "fingerprint": index.fingerprint()}
         if on_error == "skip":
             manifest |= {"on_error": on_error, "skipped": index.skip_counts()}
         write_json(run_dir / "data.json", manifest)

@@ -33,6 +33,7 @@ from clipbd.utils import derive_seed, rng, write_json
 
 DEPENDS = ("decompose", "model", "attack", "dataset.test_shards", "dataset.classes", "dataset.prompts",
            "dataset.label_key", "eval.prompts_per_class", "seed")
+NEEDS_MODEL = True  # a trained model: this run's pretraining or model.checkpoint
 UPSTREAM = ("data", "pretrain")
 log = logging.getLogger("clipbd")
 

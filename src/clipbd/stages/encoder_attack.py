@@ -18,6 +18,7 @@ from clipbd.attacks.encoder import attack_encoder
 DEPENDS = ("encoder_attack", "attack", "model", "eval", "dataset.test_shards", "dataset.classes",
            "dataset.prompts", "dataset.label_key", "seed")
 UPSTREAM = ("data", "poison", "pretrain")
+NEEDS_MODEL = True  # a trained model: this run's pretraining or model.checkpoint (checked first)
 
 
 def main(cfg: DictConfig) -> dict[str, Path]:

@@ -21,6 +21,7 @@ from clipbd.rundir import update_metrics
 DEPENDS = ("eval", "attack", "model.name", "model.arch", "model.checkpoint", "dataset.test_shards",
            "dataset.classes", "dataset.prompts", "dataset.label_key", "seed")
 UPSTREAM = ("data", "pretrain")
+NEEDS_MODEL = True  # a trained model: this run's pretraining or model.checkpoint (checked first)
 log = logging.getLogger("clipbd")
 
 

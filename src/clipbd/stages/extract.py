@@ -1,16 +1,16 @@
-"""Stage `extract`: embeddings and per-sample detector scores of every training sample.
+"""Stage `extract`: image and text embeddings of every training sample, and the scores of the
+detectors that need the images themselves.
 
 Input shards are split into groups of `extract.shards_per_group`; each group becomes one
 `shards/extract-XXXXX.h5` (written to a temp name, then renamed; a complete file from the same
 config is skipped on re-run). Samples are seen exactly as in training — poisoned ones with their
-trigger and target caption — but without augmentation. In-batch scoring (Huang et al., 2025, §3):
-the group's samples are cut into scoring batches of about `scoring.batch_size` in index order (a
-random order, since poisons are placed at random indices), and each sample is scored against the
-other samples of its batch. Other detectors (clipbd.scoring): Cognitive Distillation runs on each
-image during the embedding pass, CLIPScore on each image-caption pair, ABL reads the pretrain stage's
-per-sample losses. With `scoring=bank|global` the neighbourhood detectors and the isolation forest
-are scored by `reduce` instead, once every group exists; a held-out bank
-(`scoring=bank scoring.bank_source=test|<shards>`) is embedded here into `shards/bank.h5` by the task that has group 0.
+trigger and target caption — but without augmentation. Only image-based detectors (Cognitive
+Distillation) are scored here, during the embedding pass (`scores/<name>`); every other detector is a
+function of the stored embeddings and is scored by `reduce` (clipbd.scoring), so changing a detector
+or scoring setting re-scores without decoding an image: this stage's key holds the model, the
+embedding settings and the image detectors only. A held-out bank
+(`scoring=bank scoring.bank_source=test|<shards>`) is embedded here into `shards/bank.h5` by the task
+that has group 0.
 
 Scale-out: the groups are independent, so extraction is a job array. `extract.num_tasks=N
 extract.task=i` does the groups g with g % N == i (`extract.groups=[..]` names groups explicitly), and
@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from clipbd import dist, rundir, scoring
 from clipbd.attacks.plan import PoisonLookup
@@ -38,17 +38,24 @@ from clipbd.data.sources import load_index, test_shards
 from clipbd.detectors.reference import draw_bank
 from clipbd.models import factory
 from clipbd.errors import ConfigError
-from clipbd.registry import build_attack, build_detectors
+from clipbd.registry import build_attack
 from clipbd.rundir import bank_path, group_paths
 from clipbd.runstate import stage_key
 from clipbd.utils import atomic_path, progress, rng
 
-DEPENDS = ("model.name", "model.arch", "model.checkpoint", "extract.shards_per_group", "extract.batch_size", "scoring",
-           "detector", "seed")
+DEPENDS = ("model.name", "model.arch", "model.checkpoint", "extract.shards_per_group", "extract.batch_size", "seed")
 # the job-array split and loader workers: any split, any worker count gives the same files
 UNKEYED = ("extract.task", "extract.num_tasks", "extract.groups", "extract.workers")
 UPSTREAM = ("data", "poison", "pretrain")
+NEEDS_MODEL = True  # a trained model: this run's pretraining or model.checkpoint (checked first)
 log = logging.getLogger("clipbd")
+
+
+def depends(cfg: DictConfig) -> tuple[str, ...]:
+    """DEPENDS, the settings of the detectors scored on images here, and the held-out bank's
+    settings when one is embedded (clipbd.scoring.heldout_bank_keys)."""
+    images = tuple(f"detector.{n}" for n in scoring.image_detector_names(cfg))
+    return DEPENDS + images + scoring.heldout_bank_keys(cfg)
 
 
 def task_groups(cfg: DictConfig, n_groups: int) -> list[int]:
@@ -98,39 +105,28 @@ def embed(bundle, loader, device: str, desc: str, score_images=None) -> dict[str
     return out
 
 
-def group_scores(cfg: DictConfig, emb: dict, detectors: dict, scorer) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The scores extract writes for one group: image detectors (already in `emb`), pair and training
-    detectors, and the reference-set detectors when the scoring runs here (scoring=batch); each
-    sample's batch id."""
-    n = len(emb["index"])
+def image_scores(emb: dict, detectors: dict) -> dict[str, np.ndarray]:
+    """The image detectors' scores of one group (taken out of `emb`; empty arrays for an empty group)."""
     scores = {k.split("/", 1)[1]: emb.pop(k) for k in list(emb) if k.startswith("scores/")}
-    in_batch = scorer.where == "extract"
-    if n == 0:
-        names = [m for m, d in detectors.items() if in_batch or d.needs not in scoring.ON_REFERENCE]
-        return {m: np.empty(0) for m in names}, np.empty(0, dtype=np.int32)
-    scores |= scoring.pair_scores(emb, detectors) | scoring.training_scores(emb, detectors, cfg.run_dir)
-    batch_id = np.zeros(n, dtype=np.int32)
-    if in_batch:
-        ref_scores, batch_id = scorer.score_group(emb, detectors, cfg.seed)
-        scores |= ref_scores
-    return scores, batch_id
+    return {m: scores.get(m, np.empty(0)) for m in detectors}
 
 
-def extract_bank(cfg: DictConfig, scorer, key: str, device: str) -> None:
+def extract_bank(cfg: DictConfig, key: str, device: str) -> None:
     """scoring=bank from held-out shards: embed them (clean, no trigger) once into shards/bank.h5,
     keeping `scoring.bank_size` rows drawn with the seed."""
-    sc = scorer
     path = bank_path(cfg)
-    if not sc.heldout or is_group_done(path, key):
+    if not scoring.heldout_bank_keys(cfg) or is_group_done(path, key):
         return
-    shards = test_shards(cfg) if sc.bank_source == "test" else expand_shards(sc.bank_source)
+    source, size = cfg.scoring.bank_source, int(cfg.scoring.bank_size)
+    source = source if isinstance(source, str) else OmegaConf.to_container(source, resolve=True)
+    shards = test_shards(cfg) if source == "test" else expand_shards(source)
     if not shards:
-        raise ConfigError(f"scoring.bank_source={sc.bank_source}: no shards (the run has no test split?)")
+        raise ConfigError(f"scoring.bank_source={source}: no shards (the run has no test split?)")
     bank_index = build_index(shards, progress=False)
     bundle = factory.create_trained(cfg, device=device)
     ds = ShardDataset(bank_index, range(len(bank_index.shards)), bundle.to_tensor())
     emb = embed(bundle, make_loader(ds, cfg.extract.batch_size, cfg.extract.workers), device, path.name)
-    rows = draw_bank(len(emb["index"]), sc.bank_size, rng(cfg.seed, "bank"))
+    rows = draw_bank(len(emb["index"]), size, rng(cfg.seed, "bank"))
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["stage_key"] = key
         f.attrs["producer"] = "clipbd.stages.extract (held-out bank)"
@@ -142,7 +138,7 @@ def extract_bank(cfg: DictConfig, scorer, key: str, device: str) -> None:
     log.info("wrote %s (%d of %d held-out samples)", path.name, len(rows), len(emb["index"]))
 
 
-def write_group(path: Path, key: str, emb: dict, scores: dict, batch_id: np.ndarray, shards: list[str]) -> None:
+def write_group(path: Path, key: str, emb: dict, scores: dict, shards: list[str]) -> None:
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["stage_key"] = key
         f.attrs["producer"] = "clipbd.stages.extract"
@@ -153,23 +149,14 @@ def write_group(path: Path, key: str, emb: dict, scores: dict, batch_id: np.ndar
         f["poisoned"] = emb["poisoned"].astype(np.int8)
         f.create_dataset("image_emb", data=emb["image_emb"], compression="gzip", compression_opts=1)
         f.create_dataset("text_emb", data=emb["text_emb"], compression="gzip", compression_opts=1)
-        f["score_batch"] = batch_id
         for name, s in scores.items():
             f[f"scores/{name}"] = s
-
-
-def check(cfg: DictConfig) -> None:
-    """Before any stage runs: the detectors and the scoring they need (k against the scoring batch
-    or bank size) — both known from the config alone."""
-    scoring.build_scoring(cfg).check(build_detectors(cfg))
 
 
 def main(cfg: DictConfig) -> dict[str, Path]:
     info = dist.info()
     key = stage_key(cfg, "extract")
-    detectors = build_detectors(cfg)
-    scorer = scoring.build_scoring(cfg)
-    scorer.check(detectors)
+    detectors = scoring.image_detectors(cfg)
     index = load_index(cfg)
     groups = group_paths(cfg, len(index.shards))
     mine = task_groups(cfg, len(groups))[info.rank::info.world]
@@ -185,10 +172,9 @@ def main(cfg: DictConfig) -> dict[str, Path]:
             score_images = scoring.image_scorer(bundle, detectors, cfg.seed, path.stem, info.device)
             emb = embed(bundle, make_loader(ds, cfg.extract.batch_size, cfg.extract.workers), info.device,
                         path.name, score_images)
-            scores, batch_id = group_scores(cfg, emb, detectors, scorer)
-            write_group(path, key, emb, scores, batch_id, [index.shards[i] for i in ids])
+            write_group(path, key, emb, image_scores(emb, detectors), [index.shards[i] for i in ids])
             log.info("wrote %s (%d samples)", path.name, len(emb["index"]))
     if 0 in mine:  # one task/rank also embeds a held-out bank (scoring=bank)
-        extract_bank(cfg, scorer, key, info.device)
+        extract_bank(cfg, key, info.device)
     dist.barrier()
     return {p.name: p for p, _ in groups}

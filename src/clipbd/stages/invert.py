@@ -31,8 +31,10 @@ from clipbd.registry import ConfigError
 from clipbd.rundir import update_metrics
 from clipbd.utils import derive_seed, read_json, write_json
 
-DEPENDS = ("invert", "seed", "attack", "dataset.classes", "dataset.prompts", "eval.prompts_per_class",
+DEPENDS = ("invert", "seed", "attack", "dataset.classes", "dataset.prompts", "dataset.label_key", "dataset.test_shards",
+           "eval.prompts_per_class",
            "model.name", "model.arch", "model.checkpoint")
+NEEDS_MODEL = True  # a trained model: this run's pretraining or model.checkpoint
 UPSTREAM = ("data", "poison", "pretrain")
 log = logging.getLogger("clipbd")
 

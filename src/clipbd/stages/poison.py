@@ -8,6 +8,7 @@ import inspect
 import logging
 from pathlib import Path
 
+from hydra.utils import get_object
 from omegaconf import DictConfig
 
 from clipbd import dist, rundir
@@ -17,13 +18,26 @@ from clipbd.errors import ConfigError
 from clipbd.registry import build_attack
 from clipbd.utils import rng, write_json
 
+# the attack, the seed, and the prompts and classes its target captions are drawn from (always read:
+# the caption pool when attack.target_captions is null, the target-class check otherwise); plus the
+# config an attack's plan reads through its PlanContext, declared by the attack class (`plan_reads`:
+# targeted poisoning reads the test split, BadCLIP trains a surrogate)
 DEPENDS = ("attack", "seed", "dataset.prompts", "dataset.classes")
 UPSTREAM = ("data",)
+# The same plan drawn again (e.g. after a change of dataset.prompts with fixed target captions): the
+# pretrained model stays.
+EARLY_CUTOFF = True
 log = logging.getLogger("clipbd")
+
+
+def depends(cfg: DictConfig) -> tuple[str, ...]:
+    target = cfg.attack.get("_target_") if cfg.attack else None
+    return DEPENDS + (tuple(getattr(get_object(target), "plan_reads", ())) if target else ())
 
 
 def main(cfg: DictConfig) -> dict[str, Path]:
     path = rundir.poison_plan(cfg)
+    out = {"plan": path}
     if dist.is_main():
         index = load_index(cfg)
         n = len(index)
@@ -43,9 +57,11 @@ def main(cfg: DictConfig) -> dict[str, Path]:
                 plan = attack.plan(n, rng(cfg.seed, "poison"), pool)
             plan["seed"] = int(cfg.seed)
         write_json(path, plan)
+        if (rundir.run_dir(cfg) / "attack").is_dir():
+            out["attack"] = rundir.run_dir(cfg) / "attack"  # files the plan names (patches, images)
         if plan["attack"] is None:
             log.info("poison plan: no attack configured, none of the %d samples poisoned", n)
         else:
             log.info("poison plan: %d of %d samples poisoned (%s)", plan["poison_count"], n, plan["attack"])
     dist.barrier()
-    return {"plan": path}
+    return out

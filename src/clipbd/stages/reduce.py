@@ -1,5 +1,8 @@
-"""Stage `reduce`: merge the extraction groups into `scores.h5` (one dataset per detector, indexed by
-global sample index), check that every sample is there exactly once, compute detection metrics
+"""Stage `reduce`: score every sample from the embeddings extract stored (every detector but the
+image-based ones, which extract scored while embedding: clipbd.scoring), merge the extraction groups
+into `scores.h5` (one dataset per detector, indexed by global sample index; `score_batch`: each
+sample's in-batch scoring batch within its group, scoring=batch), check that every sample is there
+exactly once, compute detection metrics
 (AUROC, AUPRC, FPR at 95% TPR) against the poison plan, write `ranked.csv` (most suspicious first
 by `report.sort_by`, with each sample's shard file and tar member) and the ROC / score-histogram
 plots. "Every sample" is every sample of the index: those the data stage skipped (skipped.csv) are
@@ -57,8 +60,10 @@ def rerun_command(cfg: DictConfig, groups: list[int]) -> str:
     return "python -m clipbd.run " + " ".join(args)
 
 
-def gather(cfg: DictConfig, index) -> dict:
-    """Concatenate all extraction groups; refuse if a group, a sample, or uniqueness is missing."""
+def gather(cfg: DictConfig, index, detectors: dict | None = None, scorer=None) -> dict:
+    """Concatenate all extraction groups, each scored from its embeddings (clipbd.scoring.
+    embedding_scores: pair, training and — scoring=batch — in-batch detectors); refuse if a group, a
+    sample, or uniqueness is missing."""
     groups = group_paths(cfg, len(index.shards))
     missing = [g for g, (p, _) in enumerate(groups) if not p.exists()]
     if missing:
@@ -69,11 +74,20 @@ def gather(cfg: DictConfig, index) -> dict:
                             f"{', ...' if len(shards) > 8 else ''}; re-run only those with: "
                             f"{rerun_command(cfg, missing)}")
     cols: dict[str, list] = {}
+    here = detectors or {}
     for p, _ in groups:
         with h5py.File(p, "r") as f:
-            names = ["index", "key", "caption"] + [f"scores/{n}" for n in f.get("scores", {})]
+            # the image detectors' scores extract wrote; the rest is scored here from the embeddings
+            names = ["index", "key", "caption"] + [f"scores/{n}" for n in f.get("scores", {}) if n not in here]
             for n in names:
                 cols.setdefault(n, []).append(f[n][()])
+            if here:
+                emb = {n: f[n][()] for n in ("index", "image_emb", "text_emb")}
+                scores, batch_id = scoring.embedding_scores(emb, here, scorer, cfg.seed, cfg.run_dir)
+                for n, v in scores.items():
+                    cols.setdefault(f"scores/{n}", []).append(v)
+                if scorer.per_group:
+                    cols.setdefault("score_batch", []).append(batch_id)
     merged = {n: np.concatenate(v) for n, v in cols.items()}
     idx = merged["index"]
     n = len(index)
@@ -97,6 +111,8 @@ def write_scores(path: Path, data: dict, labels: np.ndarray | None, detectors: l
         f["key"] = data["key"]
         if labels is not None:
             f["is_poison"] = labels
+        if "score_batch" in data:
+            f["score_batch"] = data["score_batch"]  # in-batch scoring: the batch of its group each sample was scored in
         for d in detectors:
             f[d] = data[f"scores/{d}"]  # one dataset per detector, position = global sample index
 
@@ -142,7 +158,7 @@ def reference_set_scores(cfg: DictConfig, data: dict) -> dict[str, np.ndarray]:
     on every sample's embeddings (clipbd.scoring); {"scores/<name>": float64 [N]}."""
     scorer = scoring.build_scoring(cfg)
     detectors = scoring.by_need(build_detectors(cfg), *scoring.ON_REFERENCE)
-    if scorer.where != "reduce" or not detectors:
+    if scorer.per_group or not detectors:
         return {}
     index = load_index(cfg)
     emb = load_embeddings([p for p, _ in group_paths(cfg, len(index.shards))], data["index"])
@@ -168,10 +184,11 @@ def main(cfg: DictConfig) -> dict[str, Path]:
     if not dist.is_main():
         return out
     index = load_index(cfg)
-    data = gather(cfg, index)
+    built, scorer = build_detectors(cfg), scoring.build_scoring(cfg)
+    data = gather(cfg, index, {n: d for n, d in built.items() if d.needs != "images"}, scorer)
     data |= reference_set_scores(cfg, data)
     detectors = list(cfg.detector.keys())
-    sort_by = sort_detector(build_detectors(cfg), cfg.report.sort_by)
+    sort_by = sort_detector(built, cfg.report.sort_by)
     plan = PoisonLookup.load(run_dir / "poison_plan.json")
     labels = plan.labels(len(index)) if len(plan.indices) else None
     write_scores(out["scores"], data, labels, detectors, sort_by)
