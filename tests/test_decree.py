@@ -211,3 +211,52 @@ def test_calibrated_threshold_from_clean_encoders():
         D.calibrated_threshold([0.1], "zscore")
     with pytest.raises(ValueError, match="method='pct'"):
         D.calibrated_threshold([0.1], "pct")
+
+
+# ---------------------------------------------------------------------------- the stage (slow)
+STAGE_ARGS = ["decree.shadow_size=64", "decree.inversion.max_epochs=4", "decree.examples=4"]
+
+
+@pytest.mark.slow
+def test_decree_stage_on_the_smoke_run(smoke_run, tmp_path):
+    import json
+    import shutil
+
+    from conftest import run_cli
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run[0], run_dir)
+    args = ["+experiment=smoke", f"hydra.run.dir={run_dir}", "stages=[decree]", *STAGE_ARGS,
+            "decree.calibration.clean_pl1=[0.5,0.6]"]
+    run_cli(*args)
+    for name in ("mask.png", "pattern.png", "fusion.png", "stamped.png", "result.json", "curve.csv"):
+        assert (run_dir / "decree" / name).is_file(), name
+    assert (run_dir / "plots" / "decree.png").is_file() and (run_dir / "plots" / "decree_trigger.png").is_file()
+    result = json.loads((run_dir / "decree" / "result.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["inspect/decree/pl1"] == result["pl1"] and 0 <= result["pl1"] <= 1
+    assert metrics["inspect/decree/threshold_calibrated"] == pytest.approx(0.25)
+    assert metrics["inspect/decree/verdict_calibrated"] == (result["pl1"] < 0.25)
+    assert "eval/clean_acc" in metrics  # other stages' metrics are kept
+    assert "inspect/decree/zscore" in metrics and result["true_mask_pixels"] == 64  # the smoke run's 8×8 patch
+    rows = (run_dir / "decree" / "curve.csv").read_text().splitlines()
+    assert rows[0] == "step,cos,l1,lambda,lr" and len(rows) == result["steps"] + 1
+    again = run_cli(*args)
+    assert "decree   complete, skipped" in again.stderr
+    bad = run_cli(*args[:3], "+decree.inversion.lrr=0.1", check=False)
+    errors = [ln for ln in bad.stderr.splitlines() if ln.startswith("clipbd: error:")]
+    assert bad.returncode == 2 and len(errors) == 1 and "decree.inversion: unknown key(s) lrr" in errors[0]
+
+
+@pytest.mark.slow
+def test_decree_experiment_on_any_checkpoint(smoke_run, tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    ckpt = smoke_run[0] / "checkpoints" / "latest.pt"
+    run_dir = tmp_path / "any"
+    run_cli("+experiment=decree", f"model.checkpoint={ckpt}", f"hydra.run.dir={run_dir}", *STAGE_ARGS,
+            "dataset.synthetic.num_train=100", "dataset.synthetic.num_test=100", "dataset.synthetic.samples_per_shard=100")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert "inspect/decree/pl1" in metrics and "inspect/decree/zscore" not in metrics  # attack=null: no trigger

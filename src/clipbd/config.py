@@ -11,7 +11,9 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-STAGE_ORDER = ("data", "poison", "pretrain", "extract", "reduce", "evaluate")
+DEFAULT_STAGES = ("data", "poison", "pretrain", "extract", "reduce", "evaluate")
+# Model-level analyses run on an existing run (`stages=[decree]`) or checkpoint; not run by default.
+STAGE_ORDER = DEFAULT_STAGES + ("decree",)
 
 
 @dataclass
@@ -106,6 +108,42 @@ class EvalConfig:
 
 
 @dataclass
+class DecreeCalibrationConfig:
+    """A PL1 threshold from clean encoders only (clipbd.inspect.decree.calibrated_threshold)."""
+
+    clean_pl1: List[float] = field(default_factory=list)  # PL1s of clean encoders, same resolution
+    clean_results: List[str] = field(default_factory=list)  # or their decree/result.json files
+    method: str = "min_factor"  # min_factor: factor * min(clean) | zscore: mean - z * std
+    factor: float = 0.5
+    z: float = 3.0
+
+
+@dataclass
+class DecreeZScoreConfig:
+    """DECREE's z-score check of the attack's own test trigger (text-target encoders)."""
+
+    enabled: bool = True  # runs when `attack` names a trigger
+    num_images: int = 500  # shadow images used (the published 500)
+    faithful: bool = False  # the published form: all pairs incl. the diagonal, divided by the variance
+    threshold: float = 2.5
+
+
+@dataclass
+class DecreeStageConfig:
+    """Stage `decree` (conf/decree/default.yaml, docs/decree.md); `inversion` holds every constant
+    of clipbd.inspect.decree.DecreeConfig, checked against it before the model is loaded."""
+
+    shards: Any = None  # clean shadow images: null = the run's held-out test shards; or a pattern/list
+    shadow_size: int = 1000
+    normalization: str = "model"  # model (the encoder's preprocessing) | imagenet (the published code)
+    examples: int = 8  # stamped examples in decree/stamped.png
+    paper_threshold: float = 0.1  # Feng et al.'s PL1 threshold (224-px encoders)
+    inversion: Dict[str, Any] = field(default_factory=dict)
+    calibration: DecreeCalibrationConfig = field(default_factory=DecreeCalibrationConfig)
+    zscore: DecreeZScoreConfig = field(default_factory=DecreeZScoreConfig)
+
+
+@dataclass
 class WandbConfig:
     mode: str = "offline"  # online | offline | disabled
     project: str = "clipbd"
@@ -125,7 +163,7 @@ class LoggingConfig:
 class ClipbdConfig:
     name: str = "default"  # experiment name: run-dir prefix and W&B group
     seed: int = 0
-    stages: List[str] = field(default_factory=lambda: list(STAGE_ORDER))
+    stages: List[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     force: List[str] = field(default_factory=list)  # stages to re-run even if complete
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     run_dir: str = "${hydra:runtime.output_dir}"
@@ -139,6 +177,7 @@ class ClipbdConfig:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    decree: DecreeStageConfig = field(default_factory=DecreeStageConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

@@ -94,3 +94,13 @@ def git_revision() -> str:
     if out.returncode != 0:
         return "unknown"
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def update_metrics(run_dir: str | os.PathLike, prefix: str, new: dict) -> dict:
+    """Replace every `prefix*` key of <run_dir>/metrics.json by `new`, keeping other stages' keys
+    (the same rule as stages/reduce.py's; here so that any stage can use it without importing another)."""
+    path = Path(run_dir) / "metrics.json"
+    old = read_json(path) if path.exists() else {}
+    merged = {k: v for k, v in old.items() if not k.startswith(prefix)} | new
+    write_json(path, dict(sorted(merged.items())))
+    return merged

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,15 @@ class DecreeConfig:
     eps: float = 1e-7  # the tanh box's margin
     dtype: str = "float64"  # float64 (published) | float32: the mask/pattern variables and stamp
     init: str = "rand"  # rand: m, p ~ U(0, 1) before the inverse box (published `--mask_init rand`)
+
+
+def config_from(values: Mapping[str, Any]) -> DecreeConfig:
+    """DecreeConfig from a config section (`decree.inversion`); an unknown key fails in one line."""
+    names = [f.name for f in fields(DecreeConfig)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"decree.inversion: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(names)}")
+    return DecreeConfig(**dict(values))
 
 
 @dataclass
@@ -188,12 +197,14 @@ def _lr_at(cfg: DecreeConfig, epoch: int) -> float:
     return lr
 
 
-def _variables(h: int, w: int, cfg: DecreeConfig, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _variables(h: int, w: int, cfg: DecreeConfig, g: torch.Generator,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask [H, W] and pattern [3, H, W] logits, drawn on the CPU generator (same on any device)."""
     if cfg.init != "rand":
         raise ValueError(f"decree.init={cfg.init!r}: only rand (the published random init) is implemented")
     dtype = getattr(torch, cfg.dtype)
-    m = unbox(torch.rand(h, w, generator=g, dtype=dtype), cfg.eps).requires_grad_(True)
-    p = unbox(torch.rand(3, h, w, generator=g, dtype=dtype), cfg.eps).requires_grad_(True)
+    m = unbox(torch.rand(h, w, generator=g, dtype=dtype), cfg.eps).to(device).requires_grad_(True)
+    p = unbox(torch.rand(3, h, w, generator=g, dtype=dtype), cfg.eps).to(device).requires_grad_(True)
     return m, p
 
 
@@ -217,7 +228,7 @@ def invert(encode: Encode, images: torch.Tensor, cfg: DecreeConfig, generator: t
     variables and each epoch's shuffle: same generator state, same result."""
     check_config(cfg, len(images))
     n, _, h, w = images.shape
-    m_raw, p_raw = _variables(h, w, cfg, generator)
+    m_raw, p_raw = _variables(h, w, cfg, generator, images.device)
     opt = torch.optim.Adam([m_raw, p_raw], lr=cfg.lr, betas=tuple(cfg.betas))
     lam = LambdaSchedule.from_config(cfg)
     best_l1, best_m, best_p = math.inf, None, None
@@ -230,7 +241,7 @@ def invert(encode: Encode, images: torch.Tensor, cfg: DecreeConfig, generator: t
         for group in opt.param_groups:
             group["lr"] = lr
         epoch_cos = []
-        order = torch.randperm(n, generator=generator)
+        order = torch.randperm(n, generator=generator).to(images.device)
         for start in range(0, n, cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
             if len(idx) < 2:  # a last batch of one image has no pair
