@@ -91,7 +91,9 @@ def verdicts(cfg: DictConfig, pl1: float) -> dict:
 
 
 def _truth(attack, result: D.DecreeResult, shadow: torch.Tensor) -> tuple[dict, list]:
-    """Share of the inverted mask on the true trigger (patch attacks) and the true trigger's panels."""
+    """Share of the inverted mask on the true trigger's *test-time* position (patch attacks) and
+    the true trigger's panels. An attack trained at random positions (the default BadNets) is
+    triggered anywhere, so a low share there does not mean a wrong trigger."""
     if attack is None:
         return {}, []
     panels = [("true: example", attack.apply_test(shadow[0].cpu()))]
