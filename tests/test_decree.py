@@ -260,3 +260,19 @@ def test_decree_experiment_on_any_checkpoint(smoke_run, tmp_path):
             "dataset.synthetic.num_train=100", "dataset.synthetic.num_test=100", "dataset.synthetic.samples_per_shard=100")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert "inspect/decree/pl1" in metrics and "inspect/decree/zscore" not in metrics  # attack=null: no trigger
+
+
+def test_clipbd_matches_the_published_loop_on_the_planted_encoder(encoders):
+    """The same encoder and shadow set through the published loop (experiments/decree/published.py,
+    its own RNG): the PL1s agree within 2×."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "decree"))
+    from published import published_decree
+
+    model = encoders["backdoored"]
+    ref = published_decree(model.visual, _images(128, 7), NO_NORM["mean"], NO_NORM["std"], epochs=60)
+    ours = _invert(model)
+    assert ref["found"] and ours.found
+    assert 0.5 <= ours.pl1 / ref["pl1"] <= 2.0, (ours.pl1, ref["pl1"])

@@ -73,7 +73,7 @@ def prepare(runs: Path, work: Path, name: str) -> Path | None:
                     f"model.checkpoint={src / 'checkpoints' / 'latest.pt'}", "stages=[data,poison]")
         return dst
     if not dst.exists():
-        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("epoch_*.pt", "data", "wandb", "sample_loss"))
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("epoch_*.pt", "data", "wandb", "wandb_id.txt", "sample_loss", "shards", "scores.h5"))
     return dst
 
 

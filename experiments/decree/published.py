@@ -74,7 +74,7 @@ def published_decree(visual: torch.nn.Module, images01: torch.Tensor, mean, std,
             opt.step()
             cos_list.append(float(loss_cos.detach()))
             if torch.abs(loss_cos) > thr and loss_reg < regular_best:
-                regular_best = float(loss_reg)
+                regular_best = float(loss_reg.detach())
             if regular_best < 1 / EPS:
                 es_cnt = es_cnt + 1 if regular_best >= es_best else 0
             es_best = min(regular_best, es_best)
