@@ -30,7 +30,7 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(HERE))
 
-# name: (label 1 = backdoored, kind, source run, overrides of the decree stage)
+# name: (label 1 = backdoored, kind, source run, overrides of the decree stage[, checkpoint in the run])
 ENCODERS = {
     "bn_s0": (1, "badnets", "bn_s0", []),
     "bn_s1": (1, "badnets", "bn_s1", []),
@@ -43,6 +43,9 @@ ENCODERS = {
     # encoder attacks on clean_s0's encoder, trigger: the BadNets patch at its test position
     "text_target_s0": (1, "text_target", "clean_s0", ["attack.poison_rate=0"]),
     "badencoder_s0": (1, "badencoder", "clean_s0", ["attack.poison_rate=0"]),
+    # earlier checkpoints of the same runs (not independent encoders: a supplementary population)
+    **{f"bn_s0_e{e}": (1, "badnets", "bn_s0", [], f"checkpoints/epoch_{e}.pt") for e in (12, 15)},
+    **{f"clean_s0_e{e}": (0, "none", "clean_s0", ["attack=none"], f"checkpoints/epoch_{e}.pt") for e in (12, 15)},
 }
 ENCODER_ATTACKS = {"text_target": "encoder_text_target", "badencoder": "encoder_badencoder"}
 
@@ -61,11 +64,17 @@ def _clipbd(module: str, *args: str) -> None:
 
 
 def prepare(runs: Path, work: Path, name: str) -> Path | None:
-    label, kind, source, _ = ENCODERS[name]
+    label, kind, source, _, *ckpt = ENCODERS[name]
     src = runs / source
     if not (src / "checkpoints" / "latest.pt").exists() or not (src / "metrics.json").exists():
         return None
     dst = work / name
+    if ckpt:  # another checkpoint of the run: a fresh dir with the run's data manifest and plan
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in ("data.json", "poison_plan.json"):
+            shutil.copy(src / f, dst / f)
+        (dst / "checkpoint.txt").write_text(str(src / ckpt[0]) + "\n")
+        return dst
     if kind in ENCODER_ATTACKS:
         ckpt = dst / "encoder_attack" / f"{kind}.pt"
         if not ckpt.exists():
@@ -78,14 +87,17 @@ def prepare(runs: Path, work: Path, name: str) -> Path | None:
 
 
 def run_decree(run_dir: Path, name: str) -> dict:
-    label, kind, _, overrides = ENCODERS[name]
-    extra = [f"model.checkpoint={run_dir / 'encoder_attack' / f'{kind}.pt'}"] if kind in ENCODER_ATTACKS else []
+    label, kind, _, overrides, *_ = ENCODERS[name]
+    ckpt = checkpoint_of(run_dir, name)
+    extra = [] if ckpt == run_dir / "checkpoints" / "latest.pt" else [f"model.checkpoint={ckpt}"]
     _clipbd("clipbd.run", f"hydra.run.dir={run_dir}", "stages=[decree]", *overrides, *extra)
     return json.loads((run_dir / "decree" / "result.json").read_text())
 
 
 def checkpoint_of(run_dir: Path, name: str) -> Path:
     kind = ENCODERS[name][1]
+    if (run_dir / "checkpoint.txt").exists():
+        return Path((run_dir / "checkpoint.txt").read_text().strip())
     return run_dir / "encoder_attack" / f"{kind}.pt" if kind in ENCODER_ATTACKS else run_dir / "checkpoints" / "latest.pt"
 
 
@@ -117,6 +129,49 @@ def run_reference(run_dir: Path, name: str, shadow_size: int, normalization: str
     return ref
 
 
+def target_shares(run_dir: Path, name: str, target: str = "banana") -> dict:
+    """Zero-shot share of held-out images (test images 1000-1999: not the shadow set) classified as
+    the attack's target class: clean, stamped with the inverted trigger (8-bit PNGs), and with the
+    true BadNets test trigger. Tells whether the inverted trigger is the backdoor or just a collapse."""
+    path = run_dir / "target_shares.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from clipbd.attacks.badnets import BadNets
+    from clipbd.data.loader import read_images
+    from clipbd.data.sources import class_names, prompt_fn
+    from clipbd.inspect.decree import stamp
+    from clipbd.models import factory
+    from clipbd.models.zeroshot import class_embeddings
+    from clipbd.utils import derive_seed
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    bundle = factory.create(OmegaConf.create({"name": "RN50", "arch": None, "checkpoint": None}),
+                            checkpoint=checkpoint_of(run_dir, name))
+    model = bundle.model.eval()
+    classes = class_names(cfg)
+    seed = derive_seed(cfg.seed, "zeroshot") % (2**31)
+    with torch.no_grad():
+        emb = class_embeddings(model, bundle.tokenizer, [prompt_fn(cfg)(c, n=64, seed=seed) for c in classes])
+        shards = json.loads((run_dir / "data.json").read_text())["test_shards"]
+        x = read_images(shards, bundle.to_tensor(), 2000)[1000:]
+        mask = torch.from_numpy(np.asarray(Image.open(run_dir / "decree" / "mask.png"), dtype=np.float32) / 255)
+        pattern = torch.from_numpy(np.asarray(Image.open(run_dir / "decree" / "pattern.png"), dtype=np.float32) / 255)
+        true = BadNets(patch_size=8, grid=4).stamp(x, (1.0, 1.0))
+        share = lambda imgs: float((  # noqa: E731
+            (F.normalize(model.encode_image(bundle.normalize(imgs)), dim=-1) @ emb.T).argmax(1)
+            == classes.index(target)).float().mean())
+        out = {"target_clean": share(x), "target_inverted": share(stamp(x, mask, pattern.permute(2, 0, 1))),
+               "target_true": share(true)}
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
 def collect(rows: list[dict], out: Path) -> None:
     from clipbd.inspect.decree import calibrated_threshold
 
@@ -135,7 +190,8 @@ def collect(rows: list[dict], out: Path) -> None:
         auroc = float(roc_auc_score(labels, [-r["pl1"] for r in rows]))
     cols = ["encoder", "label", "attack", "pl1", "l1_px", "found", "epochs", "seconds", "verdict_paper",
             "threshold_calibrated", "verdict_calibrated", "true_mask_share", "zscore", "zscore_trojaned",
-            "ref_pl1", "ref_seconds", "ref_epochs", "ratio_to_ref"]
+            "target_clean", "target_inverted", "target_true", "ref_pl1", "ref_seconds", "ref_epochs",
+            "ratio_to_ref"]
     with open(out / "results.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, cols, extrasaction="ignore")
         w.writeheader()
@@ -191,7 +247,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.encoders:
-        label, kind, _, _ = ENCODERS[name]
+        label, kind, *_ = ENCODERS[name]
         run_dir = args.work / name if args.collect_only else prepare(args.runs, args.work, name)
         if run_dir is None or (args.collect_only and not (run_dir / "decree" / "result.json").exists()):
             print(f"skip {name}: not available", flush=True)
@@ -200,6 +256,7 @@ def main() -> None:
         row = {"encoder": name, "label": label, "attack": kind, "pl1": res["pl1"], "l1_px": res["l1"],
                **{k: res.get(k) for k in ("found", "epochs", "seconds", "verdict_paper", "true_mask_share",
                                           "zscore", "zscore_trojaned")}}
+        row |= target_shares(run_dir, name)
         ref_path = run_dir / f"reference_{args.reference_normalization}.json"
         if name in args.reference and not args.collect_only:
             run_reference(run_dir, name, res["shadow_images"], args.reference_normalization)
