@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from clipbd import dist
+from clipbd import dist, tracking
 from clipbd.data.loader import read_images
 from clipbd.data.shards import expand_shards
 from clipbd.inspect import decree as D
@@ -168,6 +168,8 @@ def main(cfg: DictConfig) -> dict[str, Path]:
                                       ("mask·pattern", result.mask * result.pattern), *truth_panels])
     write_json(files["result"], summary | {"shadow_images": len(shadow), "normalization": cfg.decree.normalization,
                                            "inversion": OmegaConf.to_container(cfg.decree.inversion, resolve=True)})
+    for cos, l1, lam in zip(result.curve["cos"], result.curve["l1"], result.curve["lambda"]):  # W&B curve
+        tracking.log({"decree/cos": cos, "decree/pl1": l1 / result.mask.numel(), "decree/lambda": lam})
     update_metrics(run_dir, "inspect/decree/", {f"inspect/decree/{k}": v for k, v in summary.items()
                                                 if isinstance(v, (bool, int, float))})
     log.info("decree: PL1 %.4f (L1 %.1f px of %d; %s) in %.0f s, %d epochs; verdict (paper 0.1) %s%s",
