@@ -66,7 +66,8 @@ def _clipbd(module: str, *args: str) -> None:
 def prepare(runs: Path, work: Path, name: str) -> Path | None:
     label, kind, source, _, *ckpt = ENCODERS[name]
     src = runs / source
-    if not (src / "checkpoints" / "latest.pt").exists() or not (src / "metrics.json").exists():
+    done = (src / ckpt[0]).exists() if ckpt else (src / "stages" / "pretrain.json").exists()
+    if not done:  # a named epoch checkpoint, or finished pretraining (then latest.pt is final)
         return None
     dst = work / name
     if ckpt:  # another checkpoint of the run: a fresh dir with the run's data manifest and plan
