@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 # its name here (docs/architecture.md, "Adding a stage"). `filter` and `invert` run only when listed;
 # invert sits before report so that a report run after it shows the inverted trigger.
 STAGE_ORDER = ("data", "poison", "filter", "pretrain", "extract", "reduce", "invert", "report", "evaluate",
-               "decompose", "encoder_attack")
+               "decompose", "decree", "encoder_attack")
 # what a run does when `stages` is not set: the detection pipeline and its report
 PIPELINE = ("data", "poison", "pretrain", "extract", "reduce", "report", "evaluate")
 
@@ -216,6 +216,42 @@ class DecomposeConfig:
 
 
 @dataclass
+class DecreeCalibrationConfig:
+    """A PL1 threshold from clean encoders only (clipbd.inspect.decree.calibrated_threshold)."""
+
+    clean_pl1: List[float] = field(default_factory=list)  # PL1s of clean encoders, same resolution
+    clean_results: List[str] = field(default_factory=list)  # or their decree/result.json files
+    method: str = "min_factor"  # min_factor: factor * min(clean) | zscore: mean - z * std
+    factor: float = 0.5
+    z: float = 3.0
+
+
+@dataclass
+class DecreeZScoreConfig:
+    """DECREE's z-score check of the attack's own test trigger (text-target encoders)."""
+
+    enabled: bool = True  # runs when `attack` names a trigger
+    num_images: int = 500  # shadow images used (the published 500)
+    faithful: bool = False  # the published form: all pairs incl. the diagonal, divided by the variance
+    threshold: float = 2.5
+
+
+@dataclass
+class DecreeStageConfig:
+    """Stage `decree` (conf/decree/default.yaml, docs/decree.md); `inversion` holds every constant
+    of clipbd.inspect.decree.DecreeConfig, checked against it before the model is loaded."""
+
+    shards: Any = None  # clean shadow images: null = the run's held-out test shards; or a pattern/list
+    shadow_size: int = 1000
+    normalization: str = "model"  # model (the encoder's preprocessing) | imagenet (the published code)
+    examples: int = 8  # stamped examples in decree/stamped.png
+    paper_threshold: float = 0.1  # Feng et al.'s PL1 threshold (224-px encoders)
+    inversion: Dict[str, Any] = field(default_factory=dict)
+    calibration: DecreeCalibrationConfig = field(default_factory=DecreeCalibrationConfig)
+    zscore: DecreeZScoreConfig = field(default_factory=DecreeZScoreConfig)
+
+
+@dataclass
 class WandbConfig:
     mode: str = "offline"  # online | offline | disabled
     project: str = "clipbd"
@@ -254,6 +290,7 @@ class ClipbdConfig:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     decompose: DecomposeConfig = field(default_factory=DecomposeConfig)
+    decree: DecreeStageConfig = field(default_factory=DecreeStageConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
 

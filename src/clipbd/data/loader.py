@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipbd.attacks.plan import PoisonLookup
-from clipbd.data.shards import ShardIndex, decode_image
+from clipbd.data.shards import DataError, ShardIndex, build_index, decode_image, iter_shard
 
 
 class ShardDataset(IterableDataset):
@@ -129,3 +129,17 @@ def _collate(items: list[dict]) -> dict[str, Any]:
     if "label" in items[0]:
         out["label"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
     return out
+
+
+def read_images(shards: Sequence[str], to_tensor: Callable, n: int) -> torch.Tensor:
+    """The first `n` images of `shards` in shard order (all if fewer), as [n, 3, H, W] in [0, 1]:
+    a fixed clean image set (e.g. DECREE's shadow set) without captions or poisoning."""
+    ds = ShardDataset(build_index(list(shards), progress=False), range(len(shards)), to_tensor)
+    images = []
+    for item in ds:
+        if len(images) >= n:
+            break
+        images.append(item["image"])
+    if not images:
+        raise DataError(f"no images in {len(shards)} shard(s) starting {list(shards)[:1]}")
+    return torch.stack(images)
