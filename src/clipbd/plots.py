@@ -14,7 +14,7 @@ from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 from clipbd.utils import atomic_path  # noqa: E402
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
     plt.close(fig)
@@ -30,7 +30,7 @@ def roc_plot(path: Path, labels: np.ndarray, scores: dict[str, np.ndarray]) -> P
     ax.set(xlabel="false-positive rate", ylabel="true-positive rate",
            title=f"ROC: {int(labels.sum())} poisoned of {len(labels)}")
     ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def histogram_bins(s: np.ndarray, n: int = 60, q: float = 0.5) -> tuple[np.ndarray, bool]:
@@ -71,7 +71,7 @@ def score_histograms(path: Path, labels: np.ndarray, scores: dict[str, np.ndarra
     axes[0][0].set_ylabel("share of the group")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_image_grid(path: Path, images, scale: int = 4, pad: int = 1) -> Path:
@@ -104,7 +104,7 @@ def heads_infected(path: Path, shares: dict[str, list], title: str = "") -> Path
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="share infected")
     if title:
         fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def ablation_curves(path: Path, ablations: dict, title: str = "") -> Path:
@@ -126,4 +126,4 @@ def ablation_curves(path: Path, ablations: dict, title: str = "") -> Path:
     axes[1].legend(fontsize=7, loc="best")
     if title:
         fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)

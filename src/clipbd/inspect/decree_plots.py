@@ -12,14 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from clipbd.utils import atomic_path  # noqa: E402
-
-
-def _save(fig, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    plt.close(fig)
-    return path
+from clipbd.plots import save_figure  # noqa: E402
 
 
 def curve_plot(path: Path, curve: dict[str, list[float]], pixels: int, threshold: float, best_pl1: float) -> Path:
@@ -39,7 +32,7 @@ def curve_plot(path: Path, curve: dict[str, list[float]], pixels: int, threshold
     axes[2].set(ylabel="λ", yscale="log", xlabel="step")
     fig.suptitle("DECREE trigger inversion")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _hwc(img: torch.Tensor) -> np.ndarray:
@@ -57,4 +50,4 @@ def image_row(path: Path, panels: Sequence[tuple[str, torch.Tensor]], rows: int 
         ax.imshow(_hwc(img), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(title, fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
