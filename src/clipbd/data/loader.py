@@ -19,6 +19,8 @@ Normalisation happens on the batch, after collation.
 
 from __future__ import annotations
 
+import queue
+import threading
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -42,6 +44,7 @@ class ShardDataset(IterableDataset):
         self.batch_slice = batch_slice  # (rank, world, global batch): see ranks_slice
         # global indices never read (filter-and-retrain's excluded samples, clipbd.curation.filter)
         self.exclude = None if exclude is None or not len(exclude) else frozenset(int(i) for i in exclude)
+        self._offsets = index.offsets.tolist()  # once, not a cumsum per sample
 
     def _my_shards(self) -> list[int]:
         ids = list(self.shard_ids)
@@ -56,12 +59,12 @@ class ShardDataset(IterableDataset):
             if self.exclude is None:
                 yield from ((sid, s) for s in self.index.read(sid))  # the indexed samples only
             else:
-                off = int(self.index.offsets[sid])
+                off = int(self._offsets[sid])
                 yield from ((sid, s) for s in self.index.read(sid) if off + s.pos not in self.exclude)
 
     def _decode(self, sid: int, s: Any) -> dict:
         path = self.index.shards[sid]
-        gidx = int(self.index.offsets[sid] + s.pos)
+        gidx = int(self._offsets[sid] + s.pos)
         img = self.to_tensor(decode_image(s.image, f"{path}:{s.key}"))
         caption, poisoned = s.caption, False
         entry = self.lookup.get(gidx) if self.lookup is not None else None
@@ -116,6 +119,62 @@ def ranks_slice(stream: Iterable, rank: int, world: int, global_batch: int) -> I
 def make_loader(ds: ShardDataset, batch_size: int, workers: int = 0, drop_last: bool = False) -> DataLoader:
     return DataLoader(ds, batch_size=batch_size, num_workers=workers, drop_last=drop_last,
                       collate_fn=_collate, persistent_workers=False)
+
+
+_END = object()
+
+
+class _Raised:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def prefetch(iterable: Iterable, depth: int = 2) -> Iterator:
+    """`iterable`'s items in order, produced `depth` ahead by a background thread: the shard
+    reading, decoding, poisoning and collation of the next batches overlap the model's work on this
+    one (torch, PIL and zlib release the GIL; no process, so nothing is pickled or copied). The
+    items are the same objects in the same order, so nothing downstream changes. An exception in
+    the producer is raised here, in the consumer, where it would have been raised without the
+    thread; leaving the loop early (`break`) stops the producer. depth 0: `iterable` itself."""
+    if depth <= 0:
+        yield from iterable
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in iterable:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.05)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_END)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            q.put(_Raised(e))
+
+    thread = threading.Thread(target=produce, name="clipbd-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, _Raised):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        thread.join()
 
 
 def _collate(items: list[dict]) -> dict[str, Any]:

@@ -128,14 +128,96 @@ def split_member(name: str) -> tuple[str, str]:
     return (m.group(1), m.group(2)) if m else ("", "")
 
 
-def _open_tar(path: str) -> tarfile.TarFile:
+class _PlainMember:
+    """A regular file member of a plain ustar archive: what the readers use of a TarInfo."""
+
+    __slots__ = ("name", "size", "offset_data")
+
+    def __init__(self, name: str, size: int, offset_data: int):
+        self.name, self.size, self.offset_data = name, size, offset_data
+
+    @staticmethod
+    def isfile() -> bool:
+        return True
+
+
+class _PlainTar:
+    """An uncompressed tar whose headers are all plain ustar/GNU file or directory headers with
+    valid checksums, followed by a zero end block (every shard clipbd, img2dataset and webdataset
+    write): its members come from one scan of the 512-byte headers (a seek past each member's data,
+    no TarInfo objects), read by offset. Anything else — pax or GNU long-name headers, links, a bad
+    checksum, a truncated member or a missing end marker — is left to `tarfile` (`_plain_scan`
+    returns None), so every corrupt shard fails with the same error as before."""
+
+    def __init__(self, fh, members: list[_PlainMember]):
+        self.fh, self.members_ = fh, members
+
+    def extractfile(self, info: _PlainMember) -> io.BytesIO:
+        self.fh.seek(info.offset_data)
+        return io.BytesIO(self.fh.read(info.size))
+
+    def __enter__(self) -> "_PlainTar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.fh.close()
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+
+
+def _plain_scan(fh, file_size: int) -> list[_PlainMember] | None:
+    """The regular-file members of an uncompressed tar if it is plain (see _PlainTar), else None."""
+    members, offset = [], 0
+    while True:
+        fh.seek(offset)
+        hdr = fh.read(_BLOCK)
+        if len(hdr) < _BLOCK:
+            return None  # no end marker: tarfile says how the file is truncated
+        if hdr == _ZERO_BLOCK:
+            return members if offset > 0 or file_size >= _BLOCK else None
+        kind = hdr[156:157]
+        if kind not in (b"0", b"\0", b"5") or hdr[124] & 0x80:  # pax/GNU/link headers, base-256 sizes
+            return None
+        try:
+            size = int(hdr[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            chksum = int(hdr[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+            name = hdr[0:100].split(b"\0", 1)[0].decode("utf-8")
+            prefix = hdr[345:500].split(b"\0", 1)[0].decode("utf-8") if hdr[257:263] == b"ustar\x00" else ""
+        except (ValueError, UnicodeDecodeError):
+            return None
+        unsigned = 256 + sum(hdr[:148]) + sum(hdr[156:])
+        if chksum != unsigned:
+            return None  # (tarfile also accepts the signed sum: leave those rare files to it)
+        if prefix:
+            name = f"{prefix}/{name}"
+        data_at = offset + _BLOCK
+        if data_at + size > file_size:
+            return None
+        if kind != b"5" and not (kind == b"\0" and name.endswith("/")):
+            members.append(_PlainMember(name, size, data_at))
+        offset = data_at + (size + _BLOCK - 1) // _BLOCK * _BLOCK
+
+
+def _open_tar(path: str) -> tarfile.TarFile | _PlainTar:
     # Random-access mode ("r:*", not "r|*"): member data is skipped with a seek, not read, and the
     # end-of-archive check below can look at the bytes after the last member.
     mode = "r:gz" if path.endswith((".tar.gz", ".tgz")) else "r:"
     try:
-        if os.path.getsize(path) == 0:  # an interrupted copy or download; not img2dataset's empty tar
+        size = os.path.getsize(path)
+        if size == 0:  # an interrupted copy or download; not img2dataset's empty tar
             raise DataError(f"empty shard {path}: 0 bytes, not a tar; re-download or regenerate it, or "
                             "drop it from dataset.shards", reason="empty_shard")
+        if mode == "r:":
+            fh = open(path, "rb")
+            members = _plain_scan(fh, size)
+            if members is not None:
+                return _PlainTar(fh, members)
+            fh.close()
         return tarfile.open(path, mode=mode)
     except FileNotFoundError:
         raise DataError(f"missing shard {path}; fix the dataset path") from None
@@ -150,6 +232,9 @@ def _reason(e: BaseException) -> str:
 
 def _members(tf: tarfile.TarFile, path: str) -> Iterator[tarfile.TarInfo]:
     """Regular-file members in order; a truncated or corrupt archive raises DataError."""
+    if isinstance(tf, _PlainTar):  # scanned and checked when opened
+        yield from tf.members_
+        return
     last = "<none>"
     try:
         while (info := tf.next()) is not None:
@@ -324,7 +409,7 @@ def decode_image(sample_or_bytes: Sample | bytes, where: str = ""):
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()  # decode everything now, so truncated files fail here and not in a worker later
-            return im.convert("RGB")
+            return im if im.mode == "RGB" else im.convert("RGB")  # convert("RGB") of RGB is a copy
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         raise DataError(f"corrupt image {where or '<bytes>'}: {_reason(e)}", reason="corrupt_image",
                         member=where) from None

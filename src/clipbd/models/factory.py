@@ -37,17 +37,35 @@ class ClipBundle:
     def to_tensor(self) -> Callable:
         """PIL image -> float tensor [3, H, W] in [0, 1] at the model's resolution (triggers are
         applied here, before normalisation, so a patch means the same pixels for any model)."""
-        return T.Compose([
-            T.Resize(self.image_size, interpolation=T.InterpolationMode.BICUBIC),
-            T.CenterCrop(self.image_size),
-            T.ToTensor(),
-        ])
+        return ToModelTensor(self.image_size)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [0, 1] -> normalised model input."""
         mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         return (x - mean) / std
+
+
+class ToModelTensor:
+    """Resize (bicubic, shorter side) + centre crop to `size`, then [0, 1] floats: torchvision's
+    Resize/CenterCrop/ToTensor, bit for bit. An RGB image already `size` x `size` (every synthetic
+    image, and shards written at the model's resolution) skips the two no-op PIL copies and
+    torchvision's per-call bookkeeping: the same values at a fraction of the cost per sample."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.slow = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)])
+
+    def __call__(self, img) -> torch.Tensor:
+        if img.size != (self.size, self.size) or img.mode != "RGB":
+            img = self.slow(img)
+            if img.mode != "RGB":
+                return T.functional.to_tensor(img)
+        arr = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+        return arr.view(self.size, self.size, 3).permute(2, 0, 1).contiguous().to(torch.get_default_dtype()).div(255)
+
+    def __repr__(self) -> str:
+        return f"ToModelTensor(size={self.size})"
 
 
 def _register_arch(name: str, arch: dict[str, Any]) -> None:
