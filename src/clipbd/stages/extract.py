@@ -3,7 +3,7 @@ detectors that need the images themselves.
 
 Input shards are split into groups of `extract.shards_per_group`; each group becomes one
 `shards/extract-XXXXX.h5` (written to a temp name, then renamed; a complete file from the same
-config is skipped on re-run). Samples are seen exactly as in training — poisoned ones with their
+config is skipped on re-run; `force=[extract]` redoes them). Samples are seen exactly as in training — poisoned ones with their
 trigger and target caption — but without augmentation. Only image-based detectors (Cognitive
 Distillation) are scored here, during the embedding pass (`scores/<name>`); every other detector is a
 function of the stored embeddings and is scored by `reduce` (clipbd.scoring), so changing a detector
@@ -111,11 +111,11 @@ def image_scores(emb: dict, detectors: dict) -> dict[str, np.ndarray]:
     return {m: scores.get(m, np.empty(0)) for m in detectors}
 
 
-def extract_bank(cfg: DictConfig, key: str, device: str) -> None:
+def extract_bank(cfg: DictConfig, key: str, device: str, forced: bool = False) -> None:
     """scoring=bank from held-out shards: embed them (clean, no trigger) once into shards/bank.h5,
     keeping `scoring.bank_size` rows drawn with the seed."""
     path = bank_path(cfg)
-    if not scoring.heldout_bank_keys(cfg) or is_group_done(path, key):
+    if not scoring.heldout_bank_keys(cfg) or (is_group_done(path, key) and not forced):
         return
     source, size = cfg.scoring.bank_source, int(cfg.scoring.bank_size)
     source = source if isinstance(source, str) else OmegaConf.to_container(source, resolve=True)
@@ -160,9 +160,10 @@ def main(cfg: DictConfig) -> dict[str, Path]:
     index = load_index(cfg)
     groups = group_paths(cfg, len(index.shards))
     mine = task_groups(cfg, len(groups))[info.rank::info.world]
-    todo = [groups[g] for g in mine if not is_group_done(groups[g][0], key)]
-    log.info("extract: %d of %d groups to do (%d of this task/rank already done)", len(todo), len(groups),
-             len(mine) - len(todo))
+    forced = "extract" in cfg.force  # force=[extract]: redo this task's groups, finished or not
+    todo = [groups[g] for g in mine if forced or not is_group_done(groups[g][0], key)]
+    log.info("extract: %d of %d groups to do (%d of this task/rank already done%s)", len(todo), len(groups),
+             len(mine) - len(todo), ", force=[extract]" if forced else "")
     if todo:
         bundle = factory.create_trained(cfg, device=info.device)
         lookup = PoisonLookup.load(rundir.poison_plan(cfg))
@@ -175,6 +176,6 @@ def main(cfg: DictConfig) -> dict[str, Path]:
             write_group(path, key, emb, image_scores(emb, detectors), [index.shards[i] for i in ids])
             log.info("wrote %s (%d samples)", path.name, len(emb["index"]))
     if 0 in mine:  # one task/rank also embeds a held-out bank (scoring=bank)
-        extract_bank(cfg, key, info.device)
+        extract_bank(cfg, key, info.device, forced)
     dist.barrier()
     return {p.name: p for p, _ in groups}
