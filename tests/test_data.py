@@ -422,3 +422,27 @@ def test_natural_backdoor_options_leave_every_other_sample_unchanged(tmp_path):
     assert len(set(motif_images)) == len(motif_images)  # jittered, not one file repeated
     test = write_split(tmp_path / "c", "test", 300, 300, 8, WorldConfig(motif_rate=0.5))
     assert not any(s.meta.get("natural") for s in iter_shard(test[0]))
+
+
+def test_prefetch_keeps_order_raises_where_the_loop_would_and_stops_on_break():
+    import threading
+
+    from clipbd.data.loader import prefetch
+
+    assert list(prefetch(iter(range(50)), depth=3)) == list(range(50))
+    assert list(prefetch(iter(range(5)), depth=0)) == list(range(5))
+
+    def broken():
+        yield 1
+        yield 2
+        raise DataError("corrupt image s.tar:k.jpg: broken data stream")
+
+    got = []
+    with pytest.raises(DataError, match="corrupt image s.tar:k.jpg"):
+        for x in prefetch(broken(), depth=2):
+            got.append(x)
+    assert got == [1, 2]  # every item before the failure arrives first
+    gen = prefetch(iter(range(10_000)), depth=2)
+    assert next(gen) == 0
+    gen.close()  # what `break` out of a for loop does to the generator
+    assert not any(t.name == "clipbd-prefetch" for t in threading.enumerate())

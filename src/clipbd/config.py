@@ -143,6 +143,9 @@ class TrainConfig:
     grad_clip: Optional[float] = None
     shuffle_buffer: int = 5_000
     workers: int = 0
+    # Batches read, decoded, poisoned and tokenised ahead of the model by a background thread
+    # (clipbd.data.loader.batches); 0: in the training loop. Not part of the stage key.
+    prefetch: int = 2
     log_every: int = 50
     # Keep `epoch_N.pt` every N epochs and the last one; 0 keeps only `latest.pt` (what resuming,
     # extract and evaluate read). Not part of the stage key: changing it never re-trains.
@@ -158,6 +161,7 @@ class ExtractConfig:
     batch_size: int = 256  # forward batch for embeddings
     shards_per_group: int = 16  # input shards per output h5 file
     workers: int = 0
+    prefetch: int = 2  # batches made ahead of the model in a background thread (0: none); unkeyed
     # Job-array split (docs/slurm.md): this task does groups g with g % num_tasks == task, or exactly
     # `groups` when given. Not part of the stage key: any split gives the same files.
     task: int = 0

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clipbd import dist, rundir, scoring
 from clipbd.attacks.plan import PoisonLookup
-from clipbd.data.loader import ShardDataset, make_loader
+from clipbd.data.loader import ShardDataset, batches, make_loader
 from clipbd.data.shards import build_index, expand_shards
 from clipbd.data.sources import load_index, test_shards
 from clipbd.detectors.reference import draw_bank
@@ -45,7 +45,7 @@ from clipbd.utils import atomic_path, progress, rng
 
 DEPENDS = ("model.name", "model.arch", "model.checkpoint", "extract.shards_per_group", "extract.batch_size", "seed")
 # the job-array split and loader workers: any split, any worker count gives the same files
-UNKEYED = ("extract.task", "extract.num_tasks", "extract.groups", "extract.workers")
+UNKEYED = ("extract.task", "extract.num_tasks", "extract.groups", "extract.workers", "extract.prefetch")
 UPSTREAM = ("data", "poison", "pretrain")
 NEEDS_MODEL = True  # a trained model: this run's pretraining or model.checkpoint (checked first)
 log = logging.getLogger("clipbd")
@@ -82,15 +82,17 @@ def is_group_done(path: Path, key: str) -> bool:
 
 @torch.no_grad()
 def embed(bundle, loader, device: str, desc: str, score_images=None) -> dict[str, np.ndarray | list]:
-    """Raw (unnormalised) image and text embeddings, in loader order; with `score_images`
+    """Raw (unnormalised) image and text embeddings, in loader order (batches with `tokens` are
+    not tokenised again: clipbd.data.loader.batches does it ahead); with `score_images`
     (clipbd.scoring.image_scorer) also the image detectors' scores as `scores/<name>`."""
     cols: dict[str, list] = defaultdict(list)
     for batch in progress(loader, desc=desc, leave=False):
         if score_images is not None:
             for name, s in score_images(batch["image"].to(device)).items():
                 cols[f"scores/{name}"].append(torch.from_numpy(s))
-        images = bundle.normalize(batch["image"].to(device))
-        texts = bundle.tokenizer(batch["caption"]).to(device)
+        images = bundle.normalize(batch["image"].to(device, non_blocking=True))
+        tokens = batch["tokens"] if "tokens" in batch else bundle.tokenizer(batch["caption"])
+        texts = tokens.to(device, non_blocking=True)
         cols["image_emb"].append(bundle.model.encode_image(images).float().cpu())
         cols["text_emb"].append(bundle.model.encode_text(texts).float().cpu())
         cols["index"].append(batch["index"])
@@ -125,7 +127,7 @@ def extract_bank(cfg: DictConfig, key: str, device: str, forced: bool = False) -
     bank_index = build_index(shards, progress=False)
     bundle = factory.create_trained(cfg, device=device)
     ds = ShardDataset(bank_index, range(len(bank_index.shards)), bundle.to_tensor())
-    emb = embed(bundle, make_loader(ds, cfg.extract.batch_size, cfg.extract.workers), device, path.name)
+    emb = embed(bundle, _batches(cfg, bundle, ds, device), device, path.name)
     rows = draw_bank(len(emb["index"]), size, rng(cfg.seed, "bank"))
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["stage_key"] = key
@@ -136,6 +138,12 @@ def extract_bank(cfg: DictConfig, key: str, device: str, forced: bool = False) -
         f["image_emb"] = emb["image_emb"][rows]
         f["text_emb"] = emb["text_emb"][rows]
     log.info("wrote %s (%d of %d held-out samples)", path.name, len(rows), len(emb["index"]))
+
+
+def _batches(cfg: DictConfig, bundle, ds: ShardDataset, device: str):
+    """The group's batches, read, decoded, poisoned and tokenised ahead of the model (`extract.prefetch`)."""
+    return batches(make_loader(ds, cfg.extract.batch_size, cfg.extract.workers), bundle.tokenizer,
+                   cfg.extract.prefetch, pin=device.startswith("cuda"))
 
 
 def write_group(path: Path, key: str, emb: dict, scores: dict, shards: list[str]) -> None:
@@ -171,8 +179,7 @@ def main(cfg: DictConfig) -> dict[str, Path]:
         for path, ids in todo:
             ds = ShardDataset(index, ids, bundle.to_tensor(), lookup, attack)
             score_images = scoring.image_scorer(bundle, detectors, cfg.seed, path.stem, info.device)
-            emb = embed(bundle, make_loader(ds, cfg.extract.batch_size, cfg.extract.workers), info.device,
-                        path.name, score_images)
+            emb = embed(bundle, _batches(cfg, bundle, ds, info.device), info.device, path.name, score_images)
             write_group(path, key, emb, image_scores(emb, detectors), [index.shards[i] for i in ids])
             log.info("wrote %s (%d samples)", path.name, len(emb["index"]))
     if 0 in mine:  # one task/rank also embeds a held-out bank (scoring=bank)

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from clipbd import dist, rundir, tracking
 from clipbd.attacks.plan import PoisonLookup
 from clipbd.curation.filter import EXCLUDED_FILE, read_excluded
-from clipbd.data.loader import ShardDataset, make_loader
+from clipbd.data.loader import ShardDataset, batches, make_loader
 from clipbd.data.sources import load_index
 from clipbd.detectors.abl import LossRecorder
 from clipbd.errors import ConfigError
@@ -38,7 +38,8 @@ from clipbd.runstate import note_earlier_seconds, stage_key
 from clipbd.utils import atomic_path, derive_seed, progress
 
 DEPENDS = ("model", "train", "seed")
-UNKEYED = ("train.checkpoint_every",)  # which epoch files are kept does not change the model
+# which epoch files are kept and how far ahead batches are made do not change the model
+UNKEYED = ("train.checkpoint_every", "train.prefetch")
 UNKEYED_IF_NULL = ("train.init_checkpoint",)  # null (train from scratch): the key of earlier runs
 UPSTREAM = ("data", "poison")
 # With filter.source_run set, the filter stage's exclusion list is part of this stage's key; without
@@ -138,7 +139,8 @@ def main(cfg: DictConfig) -> dict[str, Path]:
         ds = ShardDataset(index, shard_ids, bundle.to_tensor(), lookup, attack,
                           shuffle_seed=derive_seed(cfg.seed, f"shuffle/{epoch}"), buffer=tc.shuffle_buffer,
                           batch_slice=(info.rank, info.world, tc.batch_size), exclude=excluded)
-        loader = make_loader(ds, local_bs, tc.workers, drop_last=True)
+        loader = batches(make_loader(ds, local_bs, tc.workers, drop_last=True), bundle.tokenizer, tc.prefetch,
+                         pin=info.device.startswith("cuda"))
         model.train()
         t0, losses, lrs = time.time(), [], []
         per_sample = LossRecorder(len(index))  # each sample's own loss this epoch (ABL detector)
@@ -149,7 +151,7 @@ def main(cfg: DictConfig) -> dict[str, Path]:
             step = epoch * steps_per_epoch + i
             set_lr(opt, lr_at(step, tc.lr, tc.warmup_steps, total))
             images = bundle.normalize(batch["image"].to(info.device, non_blocking=True))
-            texts = bundle.tokenizer(batch["caption"]).to(info.device, non_blocking=True)
+            texts = batch["tokens"].to(info.device, non_blocking=True)
             with torch.autocast(device_type="cuda", dtype=amp_dtype, enabled=use_amp):
                 out = ddp(images, texts)
                 loss = clip_loss(out["image_features"].float(), out["text_features"].float(), out["logit_scale"])
@@ -168,6 +170,7 @@ def main(cfg: DictConfig) -> dict[str, Path]:
             if step % tc.log_every == 0:
                 tracking.log({"train/loss": losses[-1], "train/lr": opt.param_groups[0]["lr"],
                               "train/logit_scale": model.logit_scale.exp().item()}, step=step)
+        loader.close()  # stop the prefetching thread now, not when the generator is collected
         mean_loss = sum(losses) / max(1, len(losses))
         log.info("epoch %d/%d  loss %.4f  %.1f s", epoch + 1, tc.epochs, mean_loss, time.time() - t0)
         tracking.log({"train/epoch_loss": mean_loss, "train/epoch": epoch + 1}, step=(epoch + 1) * steps_per_epoch - 1)
