@@ -446,3 +446,30 @@ def test_prefetch_keeps_order_raises_where_the_loop_would_and_stops_on_break():
     assert next(gen) == 0
     gen.close()  # what `break` out of a for loop does to the generator
     assert not any(t.name == "clipbd-prefetch" for t in threading.enumerate())
+
+
+def test_by_rank_reading_splits_shards_and_is_the_exact_stream_on_one_rank(tmp_path):
+    from clipbd.data.loader import ShardDataset, by_rank_shards
+    from clipbd.errors import ConfigError
+
+    import itertools
+
+    import torch
+
+    shards = [_write(tmp_path / f"s{s}.tar", _samples(7, seed=s)) for s in range(5)]
+    index = build_index(shards, progress=False)
+    to_t = lambda im: torch.zeros(1)  # noqa: E731 - the order is what is tested
+    idx = lambda ds, n=None: [it["index"] for it in itertools.islice(ds, n)]  # noqa: E731
+    exact = ShardDataset(index, range(5), to_t, shuffle_seed=3, buffer=10, batch_slice=(0, 1, 7))
+    one = ShardDataset(index, range(5), to_t, shuffle_seed=3, buffer=10, rank_shards=(0, 1))
+    assert idx(one) == idx(exact)[:len(idx(one))] and len(idx(one)) == 35
+    # two ranks: disjoint shards that together are all of them, each rank cycling through its own
+    seen = []
+    for r in range(2):
+        ds = ShardDataset(index, range(5), to_t, shuffle_seed=3, buffer=0, rank_shards=(r, 2))
+        got = idx(ds, 40)
+        assert len(got) == 40  # more than its shards hold: resampled, no end
+        seen.append({i // 7 for i in got})
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(5))
+    with pytest.raises(ConfigError, match="5 training shards for 8 ranks"):
+        by_rank_shards(5, 8)

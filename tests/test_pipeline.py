@@ -146,6 +146,19 @@ def test_force_extract_redoes_every_group_with_the_same_embeddings(smoke_run, tm
     assert json.loads((run_dir / "timing.json").read_text())["time/extract_s"] > 0
 
 
+def test_by_rank_reading_on_one_rank_trains_the_same_model(smoke_run, tmp_path):
+    import torch
+
+    run_dir = tmp_path / "by_rank"
+    run_cli("+experiment=smoke", f"hydra.run.dir={run_dir}", "train.reading=by_rank", "stages=[data,poison,pretrain]")
+    ref = torch.load(smoke_run[0] / "checkpoints" / "latest.pt", weights_only=True)["model"]
+    got = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)["model"]
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    proc = run_cli("+experiment=smoke", f"hydra.run.dir={run_dir}", "train.reading=sideways", "stages=[pretrain]",
+                   check=False)
+    assert proc.returncode != 0 and "train.reading=sideways: choose exact" in proc.stderr
+
+
 def test_reduce_names_missing_samples(smoke_run, tmp_path):
     run_dir = tmp_path / "copy"
     shutil.copytree(smoke_run[0], run_dir)

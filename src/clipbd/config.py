@@ -146,6 +146,11 @@ class TrainConfig:
     # Batches read, decoded, poisoned and tokenised ahead of the model by a background thread
     # (clipbd.data.loader.batches); 0: in the training loop. Not part of the stage key.
     prefetch: int = 2
+    # exact: every rank reads every shard and takes its slice of each global batch — the same
+    # batches for any number of ranks (reproducible). by_rank: each rank reads only its own shards
+    # (1/world of the I/O on a shared filesystem; batches then depend on the world size).
+    # Part of the key: it changes what a multi-rank run trains on.
+    reading: str = "exact"
     log_every: int = 50
     # Keep `epoch_N.pt` every N epochs and the last one; 0 keeps only `latest.pt` (what resuming,
     # extract and evaluate read). Not part of the stage key: changing it never re-trains.

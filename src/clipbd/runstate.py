@@ -91,6 +91,10 @@ def stage_key(cfg: DictConfig, name: str) -> str:
         section, _, leaf = dotted.rpartition(".")          # keeps the keys of runs made before it
         if isinstance(parts.get(section), dict) and parts[section].get(leaf, 0) is None:
             parts[section].pop(leaf)
+    for dotted, default in getattr(mod, "UNKEYED_IF", {}).items():  # likewise, at another default
+        section, _, leaf = dotted.rpartition(".")
+        if isinstance(parts.get(section), dict) and parts[section].get(leaf, object()) == default:
+            parts[section].pop(leaf)
     ups = list(mod.UPSTREAM) + [up for up, when in getattr(mod, "UPSTREAM_IF", {}).items()
                                 if _select(cfg, when) is not None]  # upstream only when configured
     for up in ups:

@@ -14,11 +14,19 @@ Steps 3–5 run last in fact, on the undecoded samples that leave the shuffle bu
 bytes, not tensors, and the order is the same): with `batch_slice=(rank, world, global_batch)` every
 rank reads the same sample stream, cuts it into global batches and decodes only its own slice of each
 (`ranks_slice`), so the global batch is the same samples in the same order for any number of ranks.
+That is the exact mode (`train.reading=exact`, the default). `rank_shards=(rank, world)` is the mode
+for large runs (`train.reading=by_rank`, as OpenCLIP's split-by-node with resampled shards): after
+the seeded shard shuffle each rank takes every world-th shard and reads only those, so every byte is
+read by one rank instead of all of them; with several ranks each one cycles through its shards
+(in another order each pass) and the trainer takes a fixed number of batches. The global batch then
+depends on the number of ranks — the price of reading 1/world of the data per rank. With one rank
+it is the exact mode's stream.
 Normalisation happens on the batch, after collation.
 """
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -37,7 +45,8 @@ class ShardDataset(IterableDataset):
     def __init__(self, index: ShardIndex, shard_ids: Sequence[int], to_tensor: Callable,
                  lookup: PoisonLookup | None = None, attack: Any = None, *, shuffle_seed: int | None = None,
                  buffer: int = 0, label_key: str | None = None,
-                 batch_slice: tuple[int, int, int] | None = None, exclude: Any = None):
+                 batch_slice: tuple[int, int, int] | None = None, exclude: Any = None,
+                 rank_shards: tuple[int, int] | None = None):
         self.index, self.shard_ids = index, list(shard_ids)
         self.to_tensor, self.lookup, self.attack = to_tensor, lookup, attack
         self.shuffle_seed, self.buffer, self.label_key = shuffle_seed, buffer, label_key
@@ -45,17 +54,33 @@ class ShardDataset(IterableDataset):
         # global indices never read (filter-and-retrain's excluded samples, clipbd.curation.filter)
         self.exclude = None if exclude is None or not len(exclude) else frozenset(int(i) for i in exclude)
         self._offsets = index.offsets.tolist()  # once, not a cumsum per sample
+        # (rank, world): read only this rank's shards (see `by_rank_shards`) and, with more than one
+        # rank, cycle through them without end (the consumer takes a fixed number of batches)
+        self.rank_shards = rank_shards
+        if rank_shards is not None and batch_slice is not None:
+            raise ValueError("rank_shards and batch_slice are two reading modes: give one")
 
-    def _my_shards(self) -> list[int]:
+    def _my_shards(self, pass_: int = 0) -> list[int]:
         ids = list(self.shard_ids)
         if self.shuffle_seed is not None:
             np.random.default_rng(self.shuffle_seed).shuffle(ids)
+        if self.rank_shards is not None:
+            ids = ids[self.rank_shards[0]::self.rank_shards[1]]  # this epoch's shards of this rank
+            if pass_ and self.shuffle_seed is not None:  # a later pass over them: another order
+                np.random.default_rng([self.shuffle_seed, pass_]).shuffle(ids)
         wi = get_worker_info()
         return ids if wi is None else ids[wi.id::wi.num_workers]
 
     def _raw(self) -> Iterator[tuple[int, Any]]:
         """(shard id, undecoded sample) in read order."""
-        for sid in self._my_shards():
+        if self.rank_shards is None or self.rank_shards[1] == 1:
+            yield from self._pass(0)
+            return
+        for pass_ in itertools.count():  # by_rank over several ranks: resampled, without end
+            yield from self._pass(pass_)
+
+    def _pass(self, pass_: int) -> Iterator[tuple[int, Any]]:
+        for sid in self._my_shards(pass_):
             if self.exclude is None:
                 yield from ((sid, s) for s in self.index.read(sid))  # the indexed samples only
             else:
@@ -99,6 +124,15 @@ class ShardDataset(IterableDataset):
             stream = ranks_slice(stream, *self.batch_slice)
         for sid, s in stream:
             yield self._decode(sid, s)
+
+
+def by_rank_shards(num_shards: int, world: int) -> None:
+    """Check that `train.reading=by_rank` can give every rank shards of its own."""
+    if num_shards < world:
+        from clipbd.errors import ConfigError
+
+        raise ConfigError(f"train.reading=by_rank: {num_shards} training shards for {world} ranks; every rank "
+                          "needs at least one shard (use train.reading=exact, or more, smaller shards)")
 
 
 def ranks_slice(stream: Iterable, rank: int, world: int, global_batch: int) -> Iterator:

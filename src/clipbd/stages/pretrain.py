@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from clipbd import dist, rundir, tracking
 from clipbd.attacks.plan import PoisonLookup
 from clipbd.curation.filter import EXCLUDED_FILE, read_excluded
-from clipbd.data.loader import ShardDataset, batches, make_loader
+from clipbd.data.loader import ShardDataset, batches, by_rank_shards, make_loader
 from clipbd.data.sources import load_index
 from clipbd.detectors.abl import LossRecorder
 from clipbd.errors import ConfigError
@@ -41,6 +41,8 @@ DEPENDS = ("model", "train", "seed")
 # which epoch files are kept and how far ahead batches are made do not change the model
 UNKEYED = ("train.checkpoint_every", "train.prefetch")
 UNKEYED_IF_NULL = ("train.init_checkpoint",)  # null (train from scratch): the key of earlier runs
+# the exact reading mode is what every run before the option did: keyed only when it is not exact
+UNKEYED_IF = {"train.reading": "exact"}
 UPSTREAM = ("data", "poison")
 # With filter.source_run set, the filter stage's exclusion list is part of this stage's key; without
 # it the key is what it was before filtering existed (runs trained then are not re-trained).
@@ -103,6 +105,16 @@ def _excluded(cfg: DictConfig) -> np.ndarray:
     return excluded
 
 
+def check(cfg: DictConfig) -> None:
+    """Before any stage runs: the settings a bad value of would only fail after loading."""
+    if cfg.train.reading not in READING:
+        raise ConfigError(f"train.reading={cfg.train.reading}: choose exact (every rank reads every shard: the "
+                          "same batches for any world size) or by_rank (each rank reads only its own shards)")
+
+
+READING = ("exact", "by_rank")
+
+
 def main(cfg: DictConfig) -> dict[str, Path]:
     tc, info = cfg.train, dist.info()
     if tc.checkpoint_every < 0:
@@ -134,11 +146,17 @@ def main(cfg: DictConfig) -> dict[str, Path]:
         note_earlier_seconds("pretrain", earlier_s)
     use_amp = cfg.model.precision in ("amp", "bf16") and info.device.startswith("cuda")
     amp_dtype = torch.bfloat16 if cfg.model.precision == "bf16" else torch.float16
-    shard_ids = list(range(len(index.shards)))  # every rank reads all; ranks_slice splits the batches
+    shard_ids = list(range(len(index.shards)))
+    if tc.reading == "by_rank":
+        by_rank_shards(len(shard_ids), info.world)
     for epoch in range(start, tc.epochs):
+        # exact: every rank reads all shards and ranks_slice splits each global batch; by_rank:
+        # each rank reads its own shards and makes its own local batches (clipbd.data.loader)
+        split = ({"batch_slice": (info.rank, info.world, tc.batch_size)} if tc.reading == "exact"
+                 else {"rank_shards": (info.rank, info.world)})
         ds = ShardDataset(index, shard_ids, bundle.to_tensor(), lookup, attack,
                           shuffle_seed=derive_seed(cfg.seed, f"shuffle/{epoch}"), buffer=tc.shuffle_buffer,
-                          batch_slice=(info.rank, info.world, tc.batch_size), exclude=excluded)
+                          exclude=excluded, **split)
         loader = batches(make_loader(ds, local_bs, tc.workers, drop_last=True), bundle.tokenizer, tc.prefetch,
                          pin=info.device.startswith("cuda"))
         model.train()
