@@ -12,7 +12,7 @@ help:
 	@echo "make test-fast  unit/config/data tests only (skips slow end-to-end and SLURM tests)"
 	@echo "make run        run the default experiment into outputs/default"
 	@echo "make smoke      a seconds-long end-to-end run into outputs/smoke"
-	@echo "make bench      detector and decomposition benchmarks; results under experiments/bench/"
+	@echo "make bench      detector, decomposition and pipeline benchmarks; results under experiments/bench/"
 
 setup: $(VENV)/.clipbd-installed
 
@@ -42,6 +42,7 @@ bench: setup
 	$(PY) benchmarks/bench_knn.py
 	$(PY) benchmarks/bench_global.py --n $(GLOBAL_N) --nprobe 8
 	$(PY) benchmarks/bench_decompose.py
+	$(PY) benchmarks/bench_pipeline.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -154,12 +154,15 @@ def extract_batches(cfg: DictConfig, bundle, device: str) -> list[tuple[torch.Te
 
 
 @torch.no_grad()
-def bare_extraction(bundle, batches, device: str) -> float:
+def bare_extraction(bundle, batches, device: str, precision: str) -> float:
+    from clipbd.stages.extract import autocast
+
     sync(device)
     t0 = time.perf_counter()
     for images, texts in batches:
-        bundle.model.encode_image(images).float().cpu()
-        bundle.model.encode_text(texts).float().cpu()
+        with autocast(device, precision):
+            bundle.model.encode_image(images).float().cpu()
+            bundle.model.encode_text(texts).float().cpu()
     sync(device)
     return time.perf_counter() - t0
 
@@ -208,7 +211,7 @@ def in_process_stage(cfg: DictConfig, stage: str) -> None:
 
 def bench_size(name: str, work: Path, device: str, repeats: int) -> dict:
     run_dir = work / name
-    over = SIZES[name] + [f"device={device}"]
+    over = SIZES[name] + [f"device={device}"] + (["model.precision=amp"] if device.startswith("cuda") else [])
     print(f"[{name}] data + poison ...", flush=True)
     cli(run_dir, over + ["stages=[data,poison]"])
     cfg = compose_cfg(over + QUIET, run_dir)
@@ -236,7 +239,7 @@ def bench_size(name: str, work: Path, device: str, repeats: int) -> dict:
         print(f"[{name}] extract stage ({r + 1}/{repeats}) ...", flush=True)
         wall_t.append(cli(run_dir, over + ["stages=[extract]", "force=[extract]", "train.epochs=1"]))
         stage_t.append(timing(run_dir)["time/extract_s"])
-        bare_t.append(bare_extraction(bundle, batches, device))
+        bare_t.append(bare_extraction(bundle, batches, device, cfg.model.precision))
         print(f"[{name}]   stage {stage_t[-1]:.1f} s (command {wall_t[-1]:.1f} s), bare {bare_t[-1]:.1f} s", flush=True)
     best = min(range(repeats), key=lambda i: stage_t[i])
     res |= {"extract_stage_s": stage_t[best], "extract_command_s": wall_t[best],

@@ -55,7 +55,9 @@ def depends(cfg: DictConfig) -> tuple[str, ...]:
     """DEPENDS, the settings of the detectors scored on images here, and the held-out bank's
     settings when one is embedded (clipbd.scoring.heldout_bank_keys)."""
     images = tuple(f"detector.{n}" for n in scoring.image_detector_names(cfg))
-    return DEPENDS + images + scoring.heldout_bank_keys(cfg)
+    # mixed precision (on CUDA) changes the embeddings; fp32, what every earlier run used, keeps its key
+    precision = ("model.precision",) if cfg.model.precision != "fp32" else ()
+    return DEPENDS + images + scoring.heldout_bank_keys(cfg) + precision
 
 
 def task_groups(cfg: DictConfig, n_groups: int) -> list[int]:
@@ -81,7 +83,8 @@ def is_group_done(path: Path, key: str) -> bool:
 
 
 @torch.no_grad()
-def embed(bundle, loader, device: str, desc: str, score_images=None) -> dict[str, np.ndarray | list]:
+def embed(bundle, loader, device: str, desc: str, score_images=None,
+          precision: str = "fp32") -> dict[str, np.ndarray | list]:
     """Raw (unnormalised) image and text embeddings, in loader order (batches with `tokens` are
     not tokenised again: clipbd.data.loader.batches does it ahead); with `score_images`
     (clipbd.scoring.image_scorer) also the image detectors' scores as `scores/<name>`."""
@@ -93,8 +96,9 @@ def embed(bundle, loader, device: str, desc: str, score_images=None) -> dict[str
         images = bundle.normalize(batch["image"].to(device, non_blocking=True))
         tokens = batch["tokens"] if "tokens" in batch else bundle.tokenizer(batch["caption"])
         texts = tokens.to(device, non_blocking=True)
-        cols["image_emb"].append(bundle.model.encode_image(images).float().cpu())
-        cols["text_emb"].append(bundle.model.encode_text(texts).float().cpu())
+        with autocast(device, precision):
+            cols["image_emb"].append(bundle.model.encode_image(images).float().cpu())
+            cols["text_emb"].append(bundle.model.encode_text(texts).float().cpu())
         cols["index"].append(batch["index"])
         cols["poisoned"].append(batch["poisoned"])
         cols["key"] += batch["key"]
@@ -105,6 +109,12 @@ def embed(bundle, loader, device: str, desc: str, score_images=None) -> dict[str
     out: dict = {k: torch.cat(v).numpy() for k, v in cols.items() if k not in ("key", "caption")}
     out["key"], out["caption"] = cols["key"], cols["caption"]
     return out
+
+
+def autocast(device: str, precision: str):
+    """model.precision amp (float16) or bf16 on CUDA, as in pretraining; float32 anywhere else."""
+    on = precision in ("amp", "bf16") and device.startswith("cuda")
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16, enabled=on)
 
 
 def image_scores(emb: dict, detectors: dict) -> dict[str, np.ndarray]:
@@ -127,7 +137,7 @@ def extract_bank(cfg: DictConfig, key: str, device: str, forced: bool = False) -
     bank_index = build_index(shards, progress=False)
     bundle = factory.create_trained(cfg, device=device)
     ds = ShardDataset(bank_index, range(len(bank_index.shards)), bundle.to_tensor())
-    emb = embed(bundle, _batches(cfg, bundle, ds, device), device, path.name)
+    emb = embed(bundle, _batches(cfg, bundle, ds, device), device, path.name, precision=cfg.model.precision)
     rows = draw_bank(len(emb["index"]), size, rng(cfg.seed, "bank"))
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["stage_key"] = key
@@ -179,7 +189,8 @@ def main(cfg: DictConfig) -> dict[str, Path]:
         for path, ids in todo:
             ds = ShardDataset(index, ids, bundle.to_tensor(), lookup, attack)
             score_images = scoring.image_scorer(bundle, detectors, cfg.seed, path.stem, info.device)
-            emb = embed(bundle, _batches(cfg, bundle, ds, info.device), info.device, path.name, score_images)
+            emb = embed(bundle, _batches(cfg, bundle, ds, info.device), info.device, path.name, score_images,
+                        precision=cfg.model.precision)
             write_group(path, key, emb, image_scores(emb, detectors), [index.shards[i] for i in ids])
             log.info("wrote %s (%d samples)", path.name, len(emb["index"]))
     if 0 in mine:  # one task/rank also embeds a held-out bank (scoring=bank)
