@@ -33,13 +33,10 @@ sys.path.insert(0, str(HERE))
 # name: (label 1 = backdoored, kind, source run, overrides of the decree stage[, checkpoint in the run])
 ENCODERS = {
     "bn_s0": (1, "badnets", "bn_s0", []),
-    "bn_s1": (1, "badnets", "bn_s1", []),
-    "bn_s2": (1, "badnets", "bn_s2", []),
-    "bn_s3": (1, "badnets", "bn_s3", []),
-    "bn_s4": (1, "badnets", "bn_s4", []),
+    # seeds 1-4: the default's seed changes its world too (dataset.synthetic.seed = 1234 + seed)
+    **{f"bn_s{s}": (1, "badnets", f"bn_s{s}", [f"seed={s}"]) for s in (1, 2, 3, 4)},
     "clean_s0": (0, "none", "clean_s0", ["attack=none"]),
-    "clean_s1": (0, "none", "clean_s1", ["attack=none"]),
-    "clean_s2": (0, "none", "clean_s2", ["attack=none"]),
+    **{f"clean_s{s}": (0, "none", f"clean_s{s}", ["attack=none", f"seed={s}"]) for s in (1, 2, 3, 4)},
     # encoder attacks on clean_s0's encoder, trigger: the BadNets patch at its test position
     "text_target_s0": (1, "text_target", "clean_s0", ["attack.poison_rate=0"]),
     "badencoder_s0": (1, "badencoder", "clean_s0", ["attack.poison_rate=0"]),
