@@ -49,7 +49,10 @@ def _run(tmp_path, name, attack, seed, threads, values):
     cfg = {"seed": seed, "attack": {"_target_": f"clipbd.attacks.{attack}.BadNets"} if attack else None,
            "dataset": {"synthetic": {"seed": 1234 + seed}}}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    (run / "meta.json").write_text(json.dumps({"threads": threads, "cpu": "test cpu"}))
+    # meta.json says what ran last (here a 1-thread re-scoring); the pretrain marker, what trained it
+    (run / "meta.json").write_text(json.dumps({"threads": 1, "cpu": "test cpu"}))
+    (run / "stages").mkdir()
+    (run / "stages" / "pretrain.json").write_text(json.dumps({"machine": {"threads": threads, "cpu": "test cpu"}}))
     (run / "metrics.json").write_text(json.dumps(values))
 
 

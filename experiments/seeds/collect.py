@@ -34,10 +34,13 @@ def run_row(run: Path) -> dict:
     metrics = json.loads((run / "metrics.json").read_text())
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     timing = json.loads((run / "timing.json").read_text()) if (run / "timing.json").exists() else {}
-    meta = json.loads((run / "meta.json").read_text()) if (run / "meta.json").exists() else {}
+    # the machine that trained it (the pretrain stage's marker; meta.json only says what ran last,
+    # e.g. a later re-scoring); runs trained before markers recorded it: unknown
+    marker = run / "stages" / "pretrain.json"
+    trained_on = (json.loads(marker.read_text()).get("machine") or {}) if marker.exists() else {}
     row = {"run": str(run), "attack": _attack(cfg), "seed": cfg.get("seed"),
            "data_seed": ((cfg.get("dataset") or {}).get("synthetic") or {}).get("seed"),
-           "threads": meta.get("threads", ""), "cpu": meta.get("cpu", "")}
+           "threads": trained_on.get("threads", ""), "cpu": trained_on.get("cpu", "")}
     for m in METRICS:
         row[m] = metrics.get(m, timing.get(m))
     return row

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from clipbd import dist
 from clipbd.config import STAGE_ORDER
-from clipbd.utils import git_revision, read_json, stable_hash, write_json
+from clipbd.utils import git_revision, machine, read_json, stable_hash, write_json
 
 log = logging.getLogger("clipbd")
 
@@ -203,6 +203,8 @@ def run_stage(cfg: DictConfig, name: str) -> dict[str, Path]:
             "seconds": round(seconds, 3),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "git": git_revision(),
+            # what made these outputs (meta.json says what ran last): CPU kind, torch threads, world
+            "machine": machine() | {"world": dist.info().world},
         })
     dist.barrier()
     log.info("stage %-8s done in %.1f s", name, seconds)
