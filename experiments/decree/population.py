@@ -99,6 +99,16 @@ def checkpoint_of(run_dir: Path, name: str) -> Path:
     return run_dir / "encoder_attack" / f"{kind}.pt" if kind in ENCODER_ATTACKS else run_dir / "checkpoints" / "latest.pt"
 
 
+def _model_node(ckpt: Path):
+    """The model config a clipbd checkpoint names (its architecture is recorded in it)."""
+    from omegaconf import OmegaConf
+
+    from clipbd.models import factory
+
+    meta = factory.read_checkpoint(ckpt)
+    return OmegaConf.create({"name": meta["name"], "arch": meta["arch"], "checkpoint": None})
+
+
 def run_reference(run_dir: Path, name: str, shadow_size: int, normalization: str) -> dict:
     """The published loop on the same encoder and shadow set (cached in reference_<norm>.json)."""
     path = run_dir / f"reference_{normalization}.json"
@@ -113,7 +123,7 @@ def run_reference(run_dir: Path, name: str, shadow_size: int, normalization: str
     from clipbd.models import factory
 
     torch.set_num_threads(int(_env()["OMP_NUM_THREADS"]))
-    bundle = factory.create(OmegaConf.create({"name": "RN50", "arch": None, "checkpoint": None}),
+    bundle = factory.create(_model_node(checkpoint_of(run_dir, name)),
                             checkpoint=checkpoint_of(run_dir, name))
     bundle.model.eval()
     for p in bundle.model.parameters():
@@ -149,7 +159,7 @@ def target_shares(run_dir: Path, name: str, target: str = "banana") -> dict:
     from clipbd.utils import derive_seed
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    bundle = factory.create(OmegaConf.create({"name": "RN50", "arch": None, "checkpoint": None}),
+    bundle = factory.create(_model_node(checkpoint_of(run_dir, name)),
                             checkpoint=checkpoint_of(run_dir, name))
     model = bundle.model.eval()
     classes = class_names(cfg)
