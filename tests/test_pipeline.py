@@ -31,6 +31,7 @@ def test_smoke_run_produces_every_artifact(smoke_run):
     assert len(list((run_dir / "shards").glob("extract-*.h5"))) == 2  # 4 shards, 2 per group
     assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run missing"
     assert json.loads((run_dir / "meta.json").read_text())["git"]
+    assert 0 < json.loads((run_dir / "meta.json").read_text())["startup_s"] < 120  # reported, per invocation
     trained_on = json.loads((run_dir / "stages" / "pretrain.json").read_text())["machine"]
     assert trained_on["threads"] >= 1 and trained_on["world"] == 1 and trained_on["cpu"]
 

@@ -22,7 +22,8 @@ from clipbd import dist, tracking
 from clipbd.cli import CONF_DIR, check_command_line, die, normalize_overrides
 from clipbd.config import STAGE_ORDER, register_configs
 from clipbd.errors import ClipbdError, ConfigError
-from clipbd.utils import atomic_path, git_revision, machine, read_json, set_progress_mode, write_json
+from clipbd.utils import (atomic_path, git_revision, machine, process_age, read_json, set_progress_mode,
+                          write_json)
 
 log = logging.getLogger("clipbd")
 register_configs()
@@ -80,6 +81,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
         # Offline W&B makes a new offline-run-* directory per start even when resuming the run's id:
         # a re-run with nothing to do logs nothing and does not start it.
         with tracking.start(cfg) if todo else contextlib.nullcontext():
+            _note_startup(attempt)
             timings = {}
             for name in selected:
                 runstate.run_stage(cfg, name)
@@ -97,6 +99,15 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     if attempt is not None:
         _promote(attempt, run_dir)
     return run_dir
+
+
+def _note_startup(attempt: Path | None) -> None:
+    """Seconds from the process's start to its first stage (interpreter, imports, composition, the
+    config checks, W&B): logged, and kept in meta.json as `startup_s`."""
+    startup = process_age()
+    log.info("start-up %.1f s (imports, composition, checks, W&B) before the first stage", startup)
+    if attempt is not None:
+        write_json(attempt / "meta.json", read_json(attempt / "meta.json") | {"startup_s": round(startup, 2)})
 
 
 def _write_attempt(cfg: DictConfig, run_dir: Path, overrides: list[str] | None, world: int) -> Path:
