@@ -68,6 +68,7 @@ SIZES = {
                "extract.batch_size=64", "extract.shards_per_group=2"],
 }
 QUIET = ["logging.wandb.mode=disabled", "logging.progress=never"]
+AS_USERS_RUN_IT = ["logging.progress=never"]  # W&B offline, as by default: its start-up counts
 
 
 def compose_cfg(overrides: list[str], run_dir: Path) -> DictConfig:
@@ -77,11 +78,11 @@ def compose_cfg(overrides: list[str], run_dir: Path) -> DictConfig:
     return cfg
 
 
-def cli(run_dir: Path, overrides: list[str]) -> float:
+def cli(run_dir: Path, overrides: list[str], quiet: list[str] = QUIET) -> float:
     """Run `python -m clipbd.run` on run_dir; its wall time in seconds."""
-    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(ROOT / "src"))
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=str(ROOT / "src"))
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "clipbd.run", *overrides, *QUIET, f"hydra.run.dir={run_dir}"],
+    proc = subprocess.run([sys.executable, "-m", "clipbd.run", *overrides, *quiet, f"hydra.run.dir={run_dir}"],
                           cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode:
@@ -237,7 +238,7 @@ def bench_size(name: str, work: Path, device: str, repeats: int) -> dict:
     stage_t, wall_t, bare_t, start_t = [], [], [], []
     for r in range(repeats):
         print(f"[{name}] extract stage ({r + 1}/{repeats}) ...", flush=True)
-        wall_t.append(cli(run_dir, over + ["stages=[extract]", "force=[extract]", "train.epochs=1"]))
+        wall_t.append(cli(run_dir, over + ["stages=[extract]", "force=[extract]", "train.epochs=1"], AS_USERS_RUN_IT))
         stage_t.append(timing(run_dir)["time/extract_s"])
         start_t.append(json.loads((run_dir / "meta.json").read_text())["startup_s"])
         bare_t.append(bare_extraction(bundle, batches, device, cfg.model.precision))
