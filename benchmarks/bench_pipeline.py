@@ -281,7 +281,9 @@ def write(results: list[dict], device: str, out: Path, argv: list[str]) -> None:
                      f"({r['train_steps']} steps) | {r['train_batch']} | {r['train_stage_s']:.2f} | "
                      f"{r['train_bare_s']:.2f} | **{r['train_ratio']:.0%}** | | | |")
     lines += ["", "Where the stage's time goes (cProfile, seconds and share of the profiled stage; the profiler "
-              "slows Python-heavy parts more than torch kernels):", ""]
+              "slows Python-heavy parts more than torch kernels). cProfile sees the main thread only: with "
+              "`prefetch` (the default) reading, decoding, poisoning and tokenising run in the background thread, "
+              "overlapped with the model, and do not appear here.", ""]
     for r in results:
         for what in ("extract", "train"):
             p = r[f"profile_{what}"]
