@@ -123,13 +123,11 @@ def bare_training(cfg: DictConfig, device: str) -> tuple[float, int]:
     opt = make_optimizer(model, tc)
     steps = len(load_index(cfg)) // tc.batch_size
     batches = [(x.to(device), t.to(device)) for x, t in train_batches(cfg, bundle, steps)]
-    use_amp = cfg.model.precision in ("amp", "bf16") and device.startswith("cuda")
-    amp_dtype = torch.bfloat16 if cfg.model.precision == "bf16" else torch.float16
     sync(device)
     t0 = time.perf_counter()
     for step, (images, texts) in enumerate(batches):
         set_lr(opt, lr_at(step, tc.lr, tc.warmup_steps, steps))
-        with torch.autocast(device_type="cuda", dtype=amp_dtype, enabled=use_amp):
+        with factory.autocast(device, cfg.model.precision):
             out = model(images, texts)
             loss = clip_loss(out["image_features"].float(), out["text_features"].float(), out["logit_scale"])
         opt.zero_grad(set_to_none=True)
@@ -156,12 +154,10 @@ def extract_batches(cfg: DictConfig, bundle, device: str) -> list[tuple[torch.Te
 
 @torch.no_grad()
 def bare_extraction(bundle, batches, device: str, precision: str) -> float:
-    from clipbd.stages.extract import autocast
-
     sync(device)
     t0 = time.perf_counter()
     for images, texts in batches:
-        with autocast(device, precision):
+        with factory.autocast(device, precision):
             bundle.model.encode_image(images).float().cpu()
             bundle.model.encode_text(texts).float().cpu()
     sync(device)

@@ -159,7 +159,7 @@ def test_by_rank_reading_on_one_rank_trains_the_same_model(smoke_run, tmp_path):
     assert all(torch.equal(ref[k], got[k]) for k in ref)
     proc = run_cli("+experiment=smoke", f"hydra.run.dir={run_dir}", "train.reading=sideways", "stages=[pretrain]",
                    check=False)
-    assert proc.returncode != 0 and "train.reading=sideways: choose exact" in proc.stderr
+    assert proc.returncode != 0 and "train.reading=sideways: must be one of exact, by_rank" in proc.stderr
 
 
 def test_reduce_names_missing_samples(smoke_run, tmp_path):

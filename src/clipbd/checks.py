@@ -16,6 +16,7 @@ from clipbd.errors import ConfigError
 ENUMS = {
     "data.on_error": ("skip", "raise"),
     "model.precision": ("fp32", "amp", "bf16"),
+    "train.reading": ("exact", "by_rank"),  # docs/slurm.md, "DDP pretraining"
     "logging.progress": ("auto", "always", "never"),
     "logging.wandb.mode": ("online", "offline", "disabled"),
 }
@@ -23,6 +24,7 @@ ENUMS = {
 MINIMA = {
     "train.epochs": 1, "train.batch_size": 1, "train.log_every": 1, "train.shuffle_buffer": 1,
     "train.warmup_steps": 0, "train.workers": 0, "train.checkpoint_every": 0,
+    "train.prefetch": 0, "extract.prefetch": 0,
     "extract.batch_size": 1, "extract.shards_per_group": 1, "extract.workers": 0,
     "eval.batch_size": 1, "eval.prompts_per_class": 1, "data.workers": 1, "scoring.batch_size": 2,
     "scoring.bank_size": 2,

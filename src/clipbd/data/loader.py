@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipbd.attacks.plan import PoisonLookup
 from clipbd.data.shards import DataError, ShardIndex, build_index, decode_image, iter_shard
+from clipbd.errors import ConfigError
 
 
 class ShardDataset(IterableDataset):
@@ -129,8 +130,6 @@ class ShardDataset(IterableDataset):
 def by_rank_shards(num_shards: int, world: int) -> None:
     """Check that `train.reading=by_rank` can give every rank shards of its own."""
     if num_shards < world:
-        from clipbd.errors import ConfigError
-
         raise ConfigError(f"train.reading=by_rank: {num_shards} training shards for {world} ranks; every rank "
                           "needs at least one shard (use train.reading=exact, or more, smaller shards)")
 

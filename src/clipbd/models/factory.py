@@ -46,6 +46,13 @@ class ClipBundle:
         return (x - mean) / std
 
 
+def autocast(device: str, precision: str):
+    """`model.precision` amp (float16) or bf16 as a torch.autocast context on CUDA; float32 (a
+    disabled context) anywhere else — pretraining and extraction alike."""
+    on = precision in ("amp", "bf16") and device.startswith("cuda")
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16, enabled=on)
+
+
 class ToModelTensor:
     """Resize (bicubic, shorter side) + centre crop to `size`, then [0, 1] floats: torchvision's
     Resize/CenterCrop/ToTensor, bit for bit. An RGB image already `size` x `size` (every synthetic

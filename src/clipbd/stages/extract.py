@@ -37,6 +37,7 @@ from clipbd.data.shards import build_index, expand_shards
 from clipbd.data.sources import load_index, test_shards
 from clipbd.detectors.reference import draw_bank
 from clipbd.models import factory
+from clipbd.models.factory import autocast
 from clipbd.errors import ConfigError
 from clipbd.registry import build_attack
 from clipbd.rundir import bank_path, group_paths
@@ -109,12 +110,6 @@ def embed(bundle, loader, device: str, desc: str, score_images=None,
     out: dict = {k: torch.cat(v).numpy() for k, v in cols.items() if k not in ("key", "caption")}
     out["key"], out["caption"] = cols["key"], cols["caption"]
     return out
-
-
-def autocast(device: str, precision: str):
-    """model.precision amp (float16) or bf16 on CUDA, as in pretraining; float32 anywhere else."""
-    on = precision in ("amp", "bf16") and device.startswith("cuda")
-    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16, enabled=on)
 
 
 def image_scores(emb: dict, detectors: dict) -> dict[str, np.ndarray]:

@@ -105,16 +105,6 @@ def _excluded(cfg: DictConfig) -> np.ndarray:
     return excluded
 
 
-def check(cfg: DictConfig) -> None:
-    """Before any stage runs: the settings a bad value of would only fail after loading."""
-    if cfg.train.reading not in READING:
-        raise ConfigError(f"train.reading={cfg.train.reading}: choose exact (every rank reads every shard: the "
-                          "same batches for any world size) or by_rank (each rank reads only its own shards)")
-
-
-READING = ("exact", "by_rank")
-
-
 def main(cfg: DictConfig) -> dict[str, Path]:
     tc, info = cfg.train, dist.info()
     if tc.checkpoint_every < 0:
@@ -144,8 +134,6 @@ def main(cfg: DictConfig) -> dict[str, Path]:
     start, earlier_s = _resume(ckpt_dir, key, model, opt)
     if start:
         note_earlier_seconds("pretrain", earlier_s)
-    use_amp = cfg.model.precision in ("amp", "bf16") and info.device.startswith("cuda")
-    amp_dtype = torch.bfloat16 if cfg.model.precision == "bf16" else torch.float16
     shard_ids = list(range(len(index.shards)))
     if tc.reading == "by_rank":
         by_rank_shards(len(shard_ids), info.world)
@@ -170,7 +158,7 @@ def main(cfg: DictConfig) -> dict[str, Path]:
             set_lr(opt, lr_at(step, tc.lr, tc.warmup_steps, total))
             images = bundle.normalize(batch["image"].to(info.device, non_blocking=True))
             texts = batch["tokens"].to(info.device, non_blocking=True)
-            with torch.autocast(device_type="cuda", dtype=amp_dtype, enabled=use_amp):
+            with factory.autocast(info.device, cfg.model.precision):
                 out = ddp(images, texts)
                 loss = clip_loss(out["image_features"].float(), out["text_features"].float(), out["logit_scale"])
             opt.zero_grad(set_to_none=True)
