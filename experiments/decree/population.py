@@ -109,7 +109,8 @@ def _model_node(ckpt: Path):
     return OmegaConf.create({"name": meta["name"], "arch": meta["arch"], "checkpoint": None})
 
 
-def run_reference(run_dir: Path, name: str, shadow_size: int, normalization: str) -> dict:
+def run_reference(run_dir: Path, name: str, shadow_size: int, normalization: str,
+                  time_limit_s: float | None = None) -> dict:
     """The published loop on the same encoder and shadow set (cached in reference_<norm>.json)."""
     path = run_dir / f"reference_{normalization}.json"
     if path.exists():
@@ -132,7 +133,8 @@ def run_reference(run_dir: Path, name: str, shadow_size: int, normalization: str
     shadow = read_images(shards, bundle.to_tensor(), shadow_size)
     mean, std = normalisation(normalization, bundle.mean, bundle.std)
     print(f"+ published loop on {name} ({len(shadow)} images, {normalization})", flush=True)
-    ref = published_decree(bundle.model.visual, shadow, mean, std) | {"normalization": normalization}
+    ref = published_decree(bundle.model.visual, shadow, mean, std, time_limit_s=time_limit_s) | {
+        "normalization": normalization, "time_limit_s": time_limit_s}
     path.write_text(json.dumps(ref, indent=2) + "\n")
     return ref
 
@@ -250,6 +252,8 @@ def main() -> None:
     ap.add_argument("--encoders", nargs="*", default=list(ENCODERS))
     ap.add_argument("--reference", nargs="*", default=[], help="encoders to also run the published loop on")
     ap.add_argument("--reference-normalization", default="model", choices=["model", "imagenet"])
+    ap.add_argument("--reference-time-limit", type=float, default=None,
+                    help="seconds after which the published loop stops and reports its best trigger so far")
     ap.add_argument("--collect-only", action="store_true", help="only tabulate what --work holds")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -267,10 +271,12 @@ def main() -> None:
         row |= target_shares(run_dir, name)
         ref_path = run_dir / f"reference_{args.reference_normalization}.json"
         if name in args.reference and not args.collect_only:
-            run_reference(run_dir, name, res["shadow_images"], args.reference_normalization)
+            run_reference(run_dir, name, res["shadow_images"], args.reference_normalization,
+                          args.reference_time_limit)
         if ref_path.exists():
             ref = json.loads(ref_path.read_text())
             row |= {"ref_pl1": ref["pl1"], "ref_seconds": ref["seconds"], "ref_epochs": ref["epochs"],
+                    "ref_stopped": ref.get("stopped", "early_stop"),
                     "ratio_to_ref": res["pl1"] / ref["pl1"] if ref["pl1"] else None}
         rows.append(row)
     if rows:

@@ -32,8 +32,13 @@ def _lr(epoch: int, lr: float) -> float:  # adjust_learning_rate, CLIP threshold
 
 
 def published_decree(visual: torch.nn.Module, images01: torch.Tensor, mean, std, *, lr: float = 0.5,
-                     batch_size: int = 32, seed: int = 80, epochs: int = 1000) -> dict:
-    """images01 [N, 3, H, W] in [0, 1] (the shadow set); visual: the image tower (model.visual)."""
+                     batch_size: int = 32, seed: int = 80, epochs: int = 1000,
+                     time_limit_s: float | None = None) -> dict:
+    """images01 [N, 3, H, W] in [0, 1] (the shadow set); visual: the image tower (model.visual).
+
+    time_limit_s (not in the published code): stop after the first epoch that ends past it and return
+    the best trigger so far, marked `stopped: "time"`. `trace` holds the best-so-far PL1 after every
+    epoch, so a stopped run still says how the published loop's answer moved."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -54,6 +59,7 @@ def published_decree(visual: torch.nn.Module, images01: torch.Tensor, mean, std,
     lambda_min, es_patience = 1e-7, 7 * patience
     start = time.time()
     e = -1
+    stopped, trace = "epochs", []
     for e in range(epochs):
         for g in opt.param_groups:
             g["lr"] = _lr(e, lr)
@@ -96,9 +102,15 @@ def published_decree(visual: torch.nn.Module, images01: torch.Tensor, mean, std,
                 if lam >= lambda_min:
                     lam /= adapt
                 down_cnt = 0
+        trace.append({"epoch": e + 1, "seconds": round(time.time() - start, 1), "mean_cos": float(-np.mean(cos_list)),
+                      "best_pl1": regular_best / 3 / (h * w) if regular_best < 1 / EPS else None})
         if abs(np.mean(cos_list)) > thr and es_cnt > es_patience:
+            stopped = "early_stop"
+            break
+        if time_limit_s is not None and time.time() - start > time_limit_s:
+            stopped = "time"
             break
     found = regular_best < 1 / EPS
     l1_2d = regular_best / 3 if found else float(h * w)
     return {"l1_published": regular_best if found else None, "pl1": l1_2d / (h * w), "found": found,
-            "seconds": time.time() - start, "epochs": e + 1}
+            "seconds": time.time() - start, "epochs": e + 1, "stopped": stopped, "trace": trace}

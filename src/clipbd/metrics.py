@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 
 def _check(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -20,16 +19,22 @@ def _check(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve; higher score = more suspicious; 1 = perfect, 0.5 = chance."""
+    from sklearn.metrics import roc_auc_score  # imported on use: ~1 s of every command's start-up
+
     return float(roc_auc_score(*_check(labels, scores)))
 
 
 def auprc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Average precision (area under precision–recall); chance = the poison rate."""
+    from sklearn.metrics import average_precision_score
+
     return float(average_precision_score(*_check(labels, scores)))
 
 
 def fpr_at_tpr(labels: np.ndarray, scores: np.ndarray, tpr: float = 0.95) -> float:
     """False-positive rate at the first threshold whose true-positive rate reaches `tpr`."""
+    from sklearn.metrics import roc_curve
+
     fpr, tprs, _ = roc_curve(*_check(labels, scores))
     return float(fpr[np.searchsorted(tprs, tpr, side="left")])
 

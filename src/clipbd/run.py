@@ -103,9 +103,10 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
 
 def _note_startup(attempt: Path | None) -> None:
     """Seconds from the process's start to its first stage (interpreter, imports, composition, the
-    config checks, W&B): logged, and kept in meta.json as `startup_s`."""
+    config checks; W&B starts in the background alongside the first stage): logged, and kept in
+    meta.json as `startup_s`."""
     startup = process_age()
-    log.info("start-up %.1f s (imports, composition, checks, W&B) before the first stage", startup)
+    log.info("start-up %.1f s (imports, composition, checks) before the first stage", startup)
     if attempt is not None:
         write_json(attempt / "meta.json", read_json(attempt / "meta.json") | {"startup_s": round(startup, 2)})
 

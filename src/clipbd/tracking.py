@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,7 +20,38 @@ from clipbd import dist
 from clipbd.utils import read_json, write_json
 
 log = logging.getLogger("clipbd")
-_RUN: Any = None
+_RUN: Any = None  # the W&B run, or a _Starting while wandb.init runs; read through _run()
+
+
+class _Starting:
+    """`wandb.init` (and `import wandb`, together 1.5–3 s) in a background thread, so the first stage
+    starts while W&B does; the first use joins it and re-raises whatever it raised."""
+
+    def __init__(self, init: Any) -> None:
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._call, args=(init,), name="wandb-init", daemon=True)
+        self._thread.start()
+
+    def _call(self, init: Any) -> None:
+        try:
+            self._result = init()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread by get()
+            self._error = e
+
+    def get(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+def _run() -> Any:
+    """The W&B run (waiting for its start if it is still starting), or None."""
+    global _RUN
+    if isinstance(_RUN, _Starting):
+        _RUN = _RUN.get()
+    return _RUN
 
 
 @contextlib.contextmanager
@@ -33,28 +65,33 @@ def start(cfg: DictConfig) -> Iterator[Any]:
     if wcfg.mode == "disabled" or not dist.is_main():
         yield None
         return
-    import wandb
-
     os.environ.setdefault("WANDB_SILENT", "true")
     run_dir = Path(cfg.run_dir)
-    _RUN = wandb.init(
+    kwargs = dict(
         project=wcfg.project, entity=wcfg.entity, group=wcfg.group or cfg.name, tags=list(wcfg.tags),
         name=f"{cfg.name}-{run_dir.name}", dir=str(run_dir), mode=wcfg.mode,
         config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous",
         id=_stable_id(run_dir), resume="allow",
     )
+
+    def init() -> Any:
+        import wandb
+
+        return wandb.init(**kwargs)
+
+    _RUN = _Starting(init)
     try:
         yield _RUN
     except BaseException:
         # Interrupted (an error, or SystemExit from submitit requeueing a preempted job): close W&B
         # but never let its failure (its service may have been signalled too) hide the real exit.
         try:
-            _RUN.finish(exit_code=1)
+            _run().finish(exit_code=1)
         except Exception as e:  # noqa: BLE001
             logging.getLogger("clipbd").warning("W&B did not finish cleanly after an interruption: %s", e)
         raise
     else:
-        _RUN.finish()
+        _run().finish()
     finally:
         _RUN = None
 
@@ -70,8 +107,9 @@ def _stable_id(run_dir: Path) -> str:
 
 
 def log(metrics: dict[str, Any], step: int | None = None) -> None:
-    if _RUN is not None:
-        _RUN.log(metrics, step=step)
+    run = _run()
+    if run is not None:
+        run.log(metrics, step=step)
 
 
 def log_run_results(cfg: DictConfig, timings: dict[str, float]) -> None:
@@ -82,25 +120,27 @@ def log_run_results(cfg: DictConfig, timings: dict[str, float]) -> None:
     timing_path = run_dir / "timing.json"
     old = read_json(timing_path) if timing_path.exists() else {}
     write_json(timing_path, {**old, **timings})
-    if _RUN is None:
+    run = _run()
+    if run is None:
         return
     metrics_path = run_dir / "metrics.json"
     if metrics_path.exists():
         metrics = {k: v for k, v in read_json(metrics_path).items() if isinstance(v, (int, float))}
-        _RUN.summary.update(metrics)
-        _RUN.log(metrics)
+        run.summary.update(metrics)
+        run.log(metrics)
     import wandb
 
     images = {f"plots/{p.stem}": wandb.Image(str(p)) for p in sorted((run_dir / "plots").glob("*.png"))}
     if images:
-        _RUN.log(images)
-    _RUN.summary.update(timings)
+        run.log(images)
+    run.summary.update(timings)
 
 
 def log_report(top: Any, clusters: Any, pngs: dict[int, bytes], n_thumbs: int) -> None:
     """The report's top-N table (a thumbnail in each of the first `n_thumbs` rows) and its cluster
     table, to the W&B run (clipbd.curation.report's TopRows and Cluster rows)."""
-    if _RUN is None:
+    run = _run()
+    if run is None:
         return
     import io
 
@@ -119,4 +159,4 @@ def log_report(top: Any, clusters: Any, pngs: dict[int, bytes], n_thumbs: int) -
                                   "caption"])
     for c in clusters:
         ctable.add_data(c.id, c.size_top, c.corpus_count, float(c.share), c.rows[0] + 1, c.n_poison, c.caption)
-    _RUN.log({"report/top": table, "report/clusters": ctable})
+    run.log({"report/top": table, "report/clusters": ctable})
