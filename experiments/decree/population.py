@@ -40,6 +40,14 @@ ENCODERS = {
     # encoder attacks on clean_s0's encoder, trigger: the BadNets patch at its test position
     "text_target_s0": (1, "text_target", "clean_s0", ["attack.poison_rate=0"]),
     "badencoder_s0": (1, "badencoder", "clean_s0", ["attack.poison_rate=0"]),
+    # a global trigger: clean_s0 fine-tuned on Blend-poisoned data (30%, 3 epochs; the decomposition
+    # study's recipe, experiments/decompose/README.md section 3). Run dir made by:
+    #   python -m clipbd.run hydra.run.dir=/work/runs/blend_ft_s0 stages=[data,poison,pretrain,evaluate] \
+    #     attack=blend attack.poison_rate=0.3 train.init_checkpoint=/work/runs/clean_s0/checkpoints/latest.pt \
+    #     train.epochs=3 train.lr=5e-4 train.warmup_steps=30
+    "blend_ft_s0": (1, "blend", "blend_ft_s0", [
+        "attack=blend", "attack.poison_rate=0.3", "train.init_checkpoint=/work/runs/clean_s0/checkpoints/latest.pt",
+        "train.epochs=3", "train.lr=5e-4", "train.warmup_steps=30"]),
     # earlier checkpoints of the same runs (not independent encoders: a supplementary population)
     **{f"bn_s0_e{e}": (1, "badnets", "bn_s0", [], f"checkpoints/epoch_{e}.pt") for e in (12, 15)},
     **{f"clean_s0_e{e}": (0, "none", "clean_s0", ["attack=none"], f"checkpoints/epoch_{e}.pt") for e in (12, 15)},
@@ -142,7 +150,8 @@ def run_reference(run_dir: Path, name: str, shadow_size: int, normalization: str
 def target_shares(run_dir: Path, name: str, target: str = "banana") -> dict:
     """Zero-shot share of held-out images (test images 1000-1999: not the shadow set) classified as
     the attack's target class: clean, stamped with the inverted trigger (8-bit PNGs), and with the
-    true BadNets test trigger. Tells whether the inverted trigger is the backdoor or just a collapse."""
+    true test trigger (the BadNets patch; for a Blend run its own blend, bound to its plan). Tells
+    whether the inverted trigger is the backdoor or just a collapse."""
     path = run_dir / "target_shares.json"
     if path.exists():
         return json.loads(path.read_text())
@@ -172,7 +181,14 @@ def target_shares(run_dir: Path, name: str, target: str = "banana") -> dict:
         x = read_images(shards, bundle.to_tensor(), 2000)[1000:]
         mask = torch.from_numpy(np.asarray(Image.open(run_dir / "decree" / "mask.png"), dtype=np.float32) / 255)
         pattern = torch.from_numpy(np.asarray(Image.open(run_dir / "decree" / "pattern.png"), dtype=np.float32) / 255)
-        true = BadNets(patch_size=8, grid=4).stamp(x, (1.0, 1.0))
+        if ENCODERS[name][1] == "blend":
+            from clipbd.stages.decree import _attack
+
+            OmegaConf.update(cfg, "run_dir", str(run_dir), force_add=True)
+            attack = _attack(cfg)
+            true = torch.stack([attack.apply_test(img) for img in x])
+        else:
+            true = BadNets(patch_size=8, grid=4).stamp(x, (1.0, 1.0))
         share = lambda imgs: float((  # noqa: E731
             (F.normalize(model.encode_image(bundle.normalize(imgs)), dim=-1) @ emb.T).argmax(1)
             == classes.index(target)).float().mean())
