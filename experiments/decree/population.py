@@ -216,7 +216,7 @@ def collect(rows: list[dict], out: Path) -> None:
         auroc = float(roc_auc_score(labels, [-r["pl1"] for r in rows]))
     cols = ["encoder", "label", "attack", "pl1", "l1_px", "found", "epochs", "seconds", "verdict_paper",
             "threshold_calibrated", "verdict_calibrated", "true_mask_share", "zscore", "zscore_trojaned",
-            "target_clean", "target_inverted", "target_true", "ref_pl1", "ref_seconds", "ref_epochs",
+            "target_clean", "target_inverted", "target_true", "ref_pl1", "ref_seconds", "ref_epochs", "ref_stopped",
             "ratio_to_ref"]
     with open(out / "results.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, cols, extrasaction="ignore")
