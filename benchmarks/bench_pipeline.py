@@ -33,6 +33,7 @@ import json
 import os
 import pstats
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -225,7 +226,7 @@ def bench_size(name: str, work: Path, device: str, repeats: int) -> dict:
         bare_t.append(t)
         print(f"[{name}]   stage {stage_t[-1]:.1f} s, bare {t:.1f} s ({steps} steps)", flush=True)
     res |= {"train_steps": steps, "train_stage_s": min(stage_t), "train_bare_s": min(bare_t),
-            "train_ratio": min(bare_t) / min(stage_t)}
+            **_ratios("train", bare_t, stage_t)}
     # extraction on the model just trained
     cfg = compose_cfg(over + QUIET + ["train.epochs=1"], run_dir)
     bundle = factory.create_trained(cfg, device=device)
@@ -242,8 +243,7 @@ def bench_size(name: str, work: Path, device: str, repeats: int) -> dict:
     best = min(range(repeats), key=lambda i: stage_t[i])
     res |= {"extract_stage_s": stage_t[best], "extract_command_s": wall_t[best],
             "startup_s": start_t[best], "after_stage_s": wall_t[best] - stage_t[best] - start_t[best],
-            "extract_bare_s": min(bare_t),
-            "extract_ratio": min(bare_t) / stage_t[best]}
+            "extract_bare_s": min(bare_t), **_ratios("extract", bare_t, stage_t)}
     del batches
     # profiles (in process)
     print(f"[{name}] profiles ...", flush=True)
@@ -256,26 +256,40 @@ def bench_size(name: str, work: Path, device: str, repeats: int) -> dict:
     return res
 
 
+def _ratios(what: str, bare_t: list[float], stage_t: list[float]) -> dict:
+    """Each repeat's ratio pairs the stage with the bare run measured right after it (on a shared
+    machine the speed drifts between repeats: pairing the best stage of one repeat with the best bare
+    run of another measures the drift); the headline is the median over repeats."""
+    paired = [b / s for b, s in zip(bare_t, stage_t)]
+    return {f"{what}_ratio": float(statistics.median(paired)), f"{what}_ratios": paired}
+
+
+def _pct(values: list[float]) -> str:
+    return ", ".join(f"{v:.0%}" for v in values)
+
+
 def write(results: list[dict], device: str, out: Path, argv: list[str]) -> None:
     m = machine()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [f"# Pipeline vs bare model ({device})", "",
              f"{dt.date.today()} · {m['cpu']} · torch {m['torch']} · {m['threads']} threads · "
              f"load average at the end {load:.2f} · `{' '.join(['benchmarks/bench_pipeline.py', *argv])}`", "",
-             "Ratio = bare model time / stage time (1.0: the stage runs at the model's own speed). Best of the "
-             "repeats for each entry; the stage first, then the bare model, one after the other.", "",
+             "Ratio = bare model time / stage time (1.0: the stage runs at the model's own speed), per repeat: "
+             "the stage first, then the bare model, one after the other; the ratio shown is the median over "
+             "repeats (each repeat's in the last column), the seconds the best of the repeats.", "",
              "Start-up: the command's own `startup_s` (meta.json: process start to the first stage — imports, "
              "composition, checks, W&B); after: the rest of the command's wall time (exit, W&B sync).", "",
-             "| size | samples | model (px) | what | batch | stage s | bare s | ratio | command s | start-up s | after s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| size | samples | model (px) | what | batch | stage s | bare s | ratio | command s | start-up s | after s "
+             "| ratio per repeat |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['size']} | {r['samples']} | {r['model']} ({r['image_size']}) | extraction | "
                      f"{r['extract_batch']} | {r['extract_stage_s']:.2f} | {r['extract_bare_s']:.2f} | "
                      f"**{r['extract_ratio']:.0%}** | {r['extract_command_s']:.2f} | {r['startup_s']:.2f} | "
-                     f"{r['after_stage_s']:.2f} |")
+                     f"{r['after_stage_s']:.2f} | {_pct(r['extract_ratios'])} |")
         lines.append(f"| {r['size']} | {r['samples']} | {r['model']} ({r['image_size']}) | training, 1 epoch "
                      f"({r['train_steps']} steps) | {r['train_batch']} | {r['train_stage_s']:.2f} | "
-                     f"{r['train_bare_s']:.2f} | **{r['train_ratio']:.0%}** | | | |")
+                     f"{r['train_bare_s']:.2f} | **{r['train_ratio']:.0%}** | | | | {_pct(r['train_ratios'])} |")
     lines += ["", "Where the stage's time goes (cProfile, seconds and share of the profiled stage; the profiler "
               "slows Python-heavy parts more than torch kernels). cProfile sees the main thread only: with "
               "`prefetch` (the default) reading, decoding, poisoning and tokenising run in the background thread, "
@@ -301,7 +315,7 @@ def write(results: list[dict], device: str, out: Path, argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="+", default=["default", "vitb32"], choices=list(SIZES))
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--work", type=Path, default=None, help="where the run directories go (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "bench")
