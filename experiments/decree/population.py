@@ -48,6 +48,11 @@ ENCODERS = {
     "blend_ft_s0": (1, "blend", "blend_ft_s0", [
         "attack=blend", "attack.poison_rate=0.3", "train.init_checkpoint=/work/runs/clean_s0/checkpoints/latest.pt",
         "train.epochs=3", "train.lr=5e-4", "train.warmup_steps=30"]),
+    # BadCLIP's optimised patch (8 px, against clean_s0 as the surrogate), the same fine-tune
+    "badclip_ft_s0": (1, "badclip", "badclip_ft_s0", [
+        "attack=badclip", "attack.patch_size=8", "attack.surrogate=/work/runs/clean_s0/checkpoints/latest.pt",
+        "attack.poison_rate=0.3", "train.init_checkpoint=/work/runs/clean_s0/checkpoints/latest.pt",
+        "train.epochs=3", "train.lr=5e-4", "train.warmup_steps=30"]),
     # earlier checkpoints of the same runs (not independent encoders: a supplementary population)
     **{f"bn_s0_e{e}": (1, "badnets", "bn_s0", [], f"checkpoints/epoch_{e}.pt") for e in (12, 15)},
     **{f"clean_s0_e{e}": (0, "none", "clean_s0", ["attack=none"], f"checkpoints/epoch_{e}.pt") for e in (12, 15)},
@@ -150,7 +155,7 @@ def run_reference(run_dir: Path, name: str, shadow_size: int, normalization: str
 def target_shares(run_dir: Path, name: str, target: str = "banana") -> dict:
     """Zero-shot share of held-out images (test images 1000-1999: not the shadow set) classified as
     the attack's target class: clean, stamped with the inverted trigger (8-bit PNGs), and with the
-    true test trigger (the BadNets patch; for a Blend run its own blend, bound to its plan). Tells
+    true test trigger (the BadNets patch; for a Blend or BadCLIP run its own, bound to its plan). Tells
     whether the inverted trigger is the backdoor or just a collapse."""
     path = run_dir / "target_shares.json"
     if path.exists():
@@ -181,7 +186,7 @@ def target_shares(run_dir: Path, name: str, target: str = "banana") -> dict:
         x = read_images(shards, bundle.to_tensor(), 2000)[1000:]
         mask = torch.from_numpy(np.asarray(Image.open(run_dir / "decree" / "mask.png"), dtype=np.float32) / 255)
         pattern = torch.from_numpy(np.asarray(Image.open(run_dir / "decree" / "pattern.png"), dtype=np.float32) / 255)
-        if ENCODERS[name][1] == "blend":
+        if ENCODERS[name][1] in ("blend", "badclip"):  # the run's own trigger, bound to its plan
             from clipbd.stages.decree import _attack
 
             OmegaConf.update(cfg, "run_dir", str(run_dir), force_add=True)
