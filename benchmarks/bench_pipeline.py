@@ -165,19 +165,23 @@ def bare_extraction(bundle, batches, device: str, precision: str) -> float:
     return time.perf_counter() - t0
 
 
-BUCKETS = [  # (bucket, predicate on (file, function)) — disjoint call trees, first match wins
-    ("reading (tar)", lambda f, n: ("clipbd/data/shards.py" in f and n in ("_plain_scan", "_read_sample"))
+_TOKENIZER_LINE = factory.CachedTokenizer.__call__.__code__.co_firstlineno  # two __call__s in factory.py
+BUCKETS = [  # (bucket, predicate on (file, line, function)) — disjoint call trees, first match wins
+    ("reading (tar)", lambda f, l, n: ("clipbd/data/shards.py" in f and n in ("_plain_scan", "_read_sample"))
      or ("tarfile.py" in f and n == "next")),
-    ("decoding (JPEG)", lambda f, n: "clipbd/data/shards.py" in f and n == "decode_image"),
-    ("resize + to tensor", lambda f, n: "clipbd/models/factory.py" in f and n == "__call__"),
-    ("trigger", lambda f, n: "clipbd/attacks/" in f and n == "apply"),
-    ("tokenising", lambda f, n: "open_clip/tokenizer.py" in f and n == "__call__"),
-    ("model forward", lambda f, n: "open_clip/model.py" in f and n in ("encode_image", "encode_text", "forward")),
-    ("backward", lambda f, n: "torch/_tensor.py" in f and n == "backward"),
-    ("optimiser", lambda f, n: "torch/optim/" in f and n == "step"),
-    ("writing (h5, checkpoints)", lambda f, n: ("clipbd/stages/extract.py" in f and n == "write_group")
+    ("decoding (JPEG)", lambda f, l, n: ("clipbd/data/shards.py" in f and n == "decode_image")
+     or ("clipbd/models/factory.py" in f and n == "from_bytes")),
+    ("tokenising", lambda f, l, n: ("clipbd/models/factory.py" in f and n == "__call__" and l == _TOKENIZER_LINE)
+     or ("open_clip/tokenizer.py" in f and n == "__call__")),
+    ("resize + to tensor", lambda f, l, n: "clipbd/models/factory.py" in f and n == "__call__"),
+    ("trigger", lambda f, l, n: "clipbd/attacks/" in f and n == "apply"),
+    ("model forward", lambda f, l, n: "open_clip/model.py" in f and n in ("encode_image", "encode_text", "forward")),
+    ("backward", lambda f, l, n: "torch/_tensor.py" in f and n == "backward"),
+    ("optimiser", lambda f, l, n: "torch/optim/" in f and n == "step"),
+    ("writing (h5, checkpoints)", lambda f, l, n: ("clipbd/stages/extract.py" in f and n == "write_group")
      or ("clipbd/stages/pretrain.py" in f and n == "_save") or ("clipbd/detectors/abl.py" in f and n == "write")),
-    ("model build + checkpoint load", lambda f, n: "clipbd/models/factory.py" in f and n in ("create", "create_trained")),
+    ("model build + checkpoint load", lambda f, l, n: "clipbd/models/factory.py" in f
+     and n in ("create", "create_trained")),
 ]
 
 
@@ -189,11 +193,11 @@ def profile(fn) -> dict[str, float]:
     total = time.perf_counter() - t0
     stats = pstats.Stats(prof).stats  # {(file, line, fn): (cc, nc, tt, ct, callers)}
     out = {b: 0.0 for b, _ in BUCKETS}
-    for (file, _, name), (_, _, _, ct, callers) in stats.items():
+    for (file, line, name), (_, _, _, ct, callers) in stats.items():
         for bucket, match in BUCKETS:
-            if match(file, name):
+            if match(file, line, name):
                 # count only calls not made from inside the same bucket (recursion, wrappers)
-                own = sum(v[3] for k, v in callers.items() if not match(k[0], k[2])) if callers else ct
+                own = sum(v[3] for k, v in callers.items() if not match(*k)) if callers else ct
                 out[bucket] += own
                 break
     out["rest (stage logic, collation, python)"] = max(0.0, total - sum(out.values()))

@@ -473,3 +473,45 @@ def test_by_rank_reading_splits_shards_and_is_the_exact_stream_on_one_rank(tmp_p
     assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(5))
     with pytest.raises(ConfigError, match="5 training shards for 8 ranks"):
         by_rank_shards(5, 8)
+
+
+def test_jpeg_fast_path_is_the_pil_path_bit_for_bit(tmp_path):
+    """ToModelTensor.from_bytes (torchvision's libjpeg-turbo decode, issue 17) gives exactly the
+    PIL path's tensor for the synthetic world's JPEGs, and declines whatever it cannot match."""
+    import torch
+
+    from clipbd.models.factory import ToModelTensor
+
+    paths = synthetic.write_split(tmp_path, "train", 120, 120, seed=5)
+    tt = ToModelTensor(32)
+    samples = list(iter_shard(paths[0]))
+    for s in samples:
+        fast = tt.from_bytes(s.image, s.ext)
+        assert fast is not None and fast.dtype == torch.float32
+        assert torch.equal(fast, tt(decode_image(s.image))), s.key
+    good = samples[0].image
+    assert tt.from_bytes(good[: len(good) // 2], "jpg") is None  # truncated: PIL raises the DataError
+    assert tt.from_bytes(b"junk\xff\xd9", "jpg") is None  # a decoder error: PIL's turn
+    assert tt.from_bytes(good, "png") is None
+    assert ToModelTensor(16).from_bytes(good, "jpg") is None  # another size needs the resize
+    gray = io.BytesIO()
+    Image.new("L", (32, 32), 90).save(gray, format="JPEG")
+    assert tt.from_bytes(gray.getvalue(), "jpg") is None  # one channel: PIL's convert("RGB")
+
+
+def test_cached_tokenizer_returns_the_tokenizers_rows():
+    import open_clip
+    import torch
+
+    from clipbd.models.factory import CachedTokenizer
+
+    raw = open_clip.get_tokenizer("ViT-B-32")
+    tok = CachedTokenizer(raw, size=4)
+    texts = ["a red star", "a blue ring", "a red star", "there is a banana", "a red star"]
+    assert torch.equal(tok(texts), raw(texts))
+    assert torch.equal(tok(texts[:2]), raw(texts[:2]))  # from the cache
+    more = ["one", "two", "three", "a blue ring"]  # overflows size 4: the cache starts again
+    assert torch.equal(tok(more), raw(more)) and len(tok._rows) <= 4
+    assert torch.equal(tok("a red star"), raw("a red star"))
+    assert torch.equal(tok(["x y"], context_length=8), raw(["x y"], context_length=8))
+    assert tok.context_length == raw.context_length

@@ -91,7 +91,10 @@ class ShardDataset(IterableDataset):
     def _decode(self, sid: int, s: Any) -> dict:
         path = self.index.shards[sid]
         gidx = int(self._offsets[sid] + s.pos)
-        img = self.to_tensor(decode_image(s.image, f"{path}:{s.key}"))
+        fast = getattr(self.to_tensor, "from_bytes", None)  # ToModelTensor's JPEG path (same pixels)
+        img = fast(s.image, s.ext) if fast is not None else None
+        if img is None:
+            img = self.to_tensor(decode_image(s.image, f"{path}:{s.key}"))
         caption, poisoned = s.caption, False
         entry = self.lookup.get(gidx) if self.lookup is not None else None
         if entry is not None:
