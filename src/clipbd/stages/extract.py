@@ -97,7 +97,7 @@ def embed(bundle, loader, device: str, desc: str, score_images=None,
         images = bundle.normalize(batch["image"].to(device, non_blocking=True))
         tokens = batch["tokens"] if "tokens" in batch else bundle.tokenizer(batch["caption"])
         texts = tokens.to(device, non_blocking=True)
-        with autocast(device, precision):
+        with autocast(device, precision), torch.inference_mode():  # no autograd bookkeeping at all
             cols["image_emb"].append(bundle.model.encode_image(images).float().cpu())
             cols["text_emb"].append(bundle.model.encode_text(texts).float().cpu())
         cols["index"].append(batch["index"])
