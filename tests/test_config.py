@@ -113,3 +113,37 @@ def test_cc3m_experiment_says_what_to_set(tmp_path):
 def test_help_lists_groups():
     proc = run_cli("--help")
     assert "experiment:" in proc.stdout and "detector:" in proc.stdout
+
+
+def test_lr_schedules_cosine_and_wsd():
+    from clipbd.models.train import lr_at
+
+    # cosine (the default): linear warm-up, then half a cosine to 0
+    assert lr_at(0, 1.0, 10, 110) == pytest.approx(0.1)
+    assert lr_at(10, 1.0, 10, 110) == pytest.approx(1.0)
+    assert lr_at(60, 1.0, 10, 110) == pytest.approx(0.5)
+    assert lr_at(110, 1.0, 10, 110) == pytest.approx(0.0)
+    # wsd: the peak held until the last 20% of the steps, then linear to 0
+    wsd = [lr_at(s, 1.0, 10, 110, "wsd", 0.2) for s in range(111)]
+    assert wsd[9] == pytest.approx(1.0) and wsd[10:88] == [1.0] * 78
+    assert wsd[88] == pytest.approx(1.0) and wsd[99] == pytest.approx(0.5) and wsd[110] == 0.0
+    assert all(a >= b for a, b in zip(wsd[10:], wsd[11:]))
+
+
+def test_schedule_settings_are_checked_and_keyed(tiny_cfg):
+    from clipbd import checks, runstate
+
+    cosine = runstate.stage_key(tiny_cfg, "pretrain")
+    OmegaConf.update(tiny_cfg, "train.decay_fraction", 0.2)  # its default: the cosine key stays
+    assert runstate.stage_key(tiny_cfg, "pretrain") == cosine
+    OmegaConf.update(tiny_cfg, "train.schedule", "wsd")
+    wsd = runstate.stage_key(tiny_cfg, "pretrain")
+    OmegaConf.update(tiny_cfg, "train.decay_fraction", 0.5)
+    assert len({cosine, wsd, runstate.stage_key(tiny_cfg, "pretrain")}) == 3
+    OmegaConf.update(tiny_cfg, "train.decay_fraction", 0.0)
+    with pytest.raises(ConfigError, match=r"train.decay_fraction=0.0: .* must be in \(0, 1\]"):
+        checks.check_values(tiny_cfg)
+    OmegaConf.update(tiny_cfg, "train.decay_fraction", 0.2)
+    OmegaConf.update(tiny_cfg, "train.schedule", "linear")
+    with pytest.raises(ConfigError, match="train.schedule=linear: must be one of cosine, wsd"):
+        checks.check_values(tiny_cfg)

@@ -17,6 +17,7 @@ ENUMS = {
     "data.on_error": ("skip", "raise"),
     "model.precision": ("fp32", "amp", "bf16"),
     "train.reading": ("exact", "by_rank"),  # docs/slurm.md, "DDP pretraining"
+    "train.schedule": ("cosine", "wsd"),
     "logging.progress": ("auto", "always", "never"),
     "logging.wandb.mode": ("online", "offline", "disabled"),
 }
@@ -42,6 +43,10 @@ def check_values(cfg: DictConfig) -> None:
         value = _get(cfg, key)
         if value is not None and value < low:
             raise ConfigError(f"{key}={value}: must be >= {low}{_HINT.get(key, '')}")
+    fraction = _get(cfg, "train.decay_fraction")
+    if fraction is not None and not 0 < fraction <= 1:
+        raise ConfigError(f"train.decay_fraction={fraction}: the share of the steps over which train.schedule=wsd "
+                          "decays the learning rate to 0 must be in (0, 1]")
 
 
 def check_plugins(cfg: DictConfig) -> None:

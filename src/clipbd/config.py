@@ -137,6 +137,11 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.2
     warmup_steps: int = 500
+    # Learning-rate schedule after the linear warm-up: cosine to 0 at the end (OpenCLIP's), or wsd
+    # (warm-up, stable, decay): the peak rate held, then linear to 0 over the last `decay_fraction`
+    # of the steps. wsd at its defaults is not keyed, so cosine runs keep their keys.
+    schedule: str = "cosine"
+    decay_fraction: float = 0.2
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6

@@ -40,10 +40,17 @@ def make_optimizer(model: torch.nn.Module, tc: DictConfig) -> torch.optim.AdamW:
                              foreach=True)
 
 
-def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
-    """Linear warmup to `base_lr` over `warmup` steps, then cosine decay to 0 at `total`."""
+def lr_at(step: int, base_lr: float, warmup: int, total: int, schedule: str = "cosine",
+          decay_fraction: float = 0.2) -> float:
+    """Linear warmup to `base_lr` over `warmup` steps, then `schedule`: cosine decay to 0 at `total`,
+    or wsd — `base_lr` held until the last `decay_fraction` of the steps, then linear to 0 at `total`."""
     if step < warmup:
         return base_lr * (step + 1) / warmup
+    if schedule == "wsd":
+        start = max(warmup, total - round(decay_fraction * total))
+        if step < start:
+            return base_lr
+        return base_lr * max(0.0, (total - step) / max(1, total - start))
     progress_ = (step - warmup) / max(1, total - warmup)
     return 0.5 * base_lr * (1 + math.cos(math.pi * min(1.0, progress_)))
 
@@ -78,7 +85,7 @@ def train_clean(bundle, index, tc: DictConfig, epochs: int, seed: int) -> None:
         for i, batch in enumerate(make_loader(ds, tc.batch_size, tc.workers, drop_last=True)):
             if i >= steps:
                 break
-            set_lr(opt, lr_at(epoch * steps + i, tc.lr, tc.warmup_steps, steps * epochs))
+            set_lr(opt, lr_at(epoch * steps + i, tc.lr, tc.warmup_steps, steps * epochs, tc.schedule, tc.decay_fraction))
             out = model(bundle.normalize(batch["image"]), bundle.tokenizer(batch["caption"]))
             loss = clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
             opt.zero_grad(set_to_none=True)

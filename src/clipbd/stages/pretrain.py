@@ -42,7 +42,8 @@ DEPENDS = ("model", "train", "seed")
 UNKEYED = ("train.checkpoint_every", "train.prefetch")
 UNKEYED_IF_NULL = ("train.init_checkpoint",)  # null (train from scratch): the key of earlier runs
 # the exact reading mode is what every run before the option did: keyed only when it is not exact
-UNKEYED_IF = {"train.reading": "exact"}
+# the schedule options came later: at their defaults they keep earlier runs' keys
+UNKEYED_IF = {"train.reading": "exact", "train.schedule": "cosine", "train.decay_fraction": 0.2}
 UPSTREAM = ("data", "poison")
 # With filter.source_run set, the filter stage's exclusion list is part of this stage's key; without
 # it the key is what it was before filtering existed (runs trained then are not re-trained).
@@ -155,7 +156,7 @@ def main(cfg: DictConfig) -> dict[str, Path]:
             if i >= steps_per_epoch:
                 break
             step = epoch * steps_per_epoch + i
-            set_lr(opt, lr_at(step, tc.lr, tc.warmup_steps, total))
+            set_lr(opt, lr_at(step, tc.lr, tc.warmup_steps, total, tc.schedule, tc.decay_fraction))
             images = bundle.normalize(batch["image"].to(info.device, non_blocking=True))
             texts = batch["tokens"].to(info.device, non_blocking=True)
             with factory.autocast(info.device, cfg.model.precision):
