@@ -20,10 +20,8 @@ import torch
 from omegaconf import OmegaConf
 
 from clipbd.config import register_configs
-from clipbd.data.sources import class_names, prompt_fn
+from clipbd.data.sources import prompt_fn
 from clipbd.data.synthetic import WorldConfig
-from clipbd.models import factory
-from clipbd.models.zeroshot import class_embeddings
 from clipbd.stages import invert as stage
 from clipbd.utils import derive_seed
 
@@ -38,18 +36,11 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     cfg = OmegaConf.load(f"{args.run_dir}/config.yaml")
     OmegaConf.update(cfg, "run_dir", args.run_dir, force_add=True)
-    bundle = factory.create_trained(cfg, device="cpu")
-    bundle.model.requires_grad_(False)
-    classes, prompts = class_names(cfg), prompt_fn(cfg)
-    seed = derive_seed(cfg.seed, "zeroshot") % (2**31)  # the evaluate stage's class embeddings
-    class_emb = class_embeddings(bundle.model, bundle.tokenizer,
-                                 [prompts(c, n=cfg.eval.prompts_per_class, seed=seed) for c in classes])
-    images, labels = stage.held_out(cfg, bundle, cfg.invert.num_images)
-    ctx = {"cfg": cfg, "classes": classes, "bundle": bundle, "class_emb": class_emb, "images": images,
-           "labels": labels, "encode": lambda x: bundle.model.encode_image(bundle.normalize(x))}
+    ctx = stage.context(cfg)
+    prompts = prompt_fn(cfg)
     motif = cfg.dataset.synthetic.world.get("motif_caption") or WorldConfig.motif_caption
     rows = [stage._one("motif", [motif], None, ctx, args.out_dir)]
-    for c in classes:
+    for c in ctx["classes"]:
         caption = prompts(c, n=1, seed=derive_seed(cfg.seed, f"study/{c}") % (2**31))
         rows.append(stage._one(f"control_{c}", caption, None, ctx, args.out_dir))
     for r in rows:

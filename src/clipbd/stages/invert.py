@@ -114,6 +114,21 @@ def _control(cfg: DictConfig, classes: list[str], avoid: str | None) -> list[str
     return prompt_fn(cfg)(clean, n=1, seed=derive_seed(cfg.seed, "invert/control") % (2**31))
 
 
+def context(cfg: DictConfig) -> dict:
+    """What every inversion of a run works on (this stage's, experiments/natural/controls.py's): the
+    trained model (frozen), the dataset's classes and their class embeddings as the evaluate stage
+    makes them, and the first `invert.num_images` clean held-out images with their labels."""
+    bundle = factory.create_trained(cfg, device="cpu")
+    bundle.model.requires_grad_(False)
+    classes, prompts = class_names(cfg), prompt_fn(cfg)
+    seed = derive_seed(cfg.seed, "zeroshot") % (2**31)  # the evaluate stage's class embeddings
+    class_emb = class_embeddings(bundle.model, bundle.tokenizer,
+                                 [prompts(c, n=cfg.eval.prompts_per_class, seed=seed) for c in classes])
+    images, labels = held_out(cfg, bundle, cfg.invert.num_images)
+    return {"cfg": cfg, "classes": classes, "bundle": bundle, "class_emb": class_emb, "images": images,
+            "labels": labels, "encode": lambda x: bundle.model.encode_image(bundle.normalize(x))}
+
+
 def main(cfg: DictConfig) -> dict[str, Path]:
     ic, run_dir = cfg.invert, Path(cfg.run_dir)
     out_dir = run_dir / "invert"
@@ -126,15 +141,8 @@ def main(cfg: DictConfig) -> dict[str, Path]:
         raise ConfigError(f"invert: steps={ic.steps} (≥ 1), num_images={ic.num_images} (≥ 4), asr_goal="
                           f"{ic.asr_goal} (in (0, 1]), lam_up={ic.lam_up} (> 1) out of range")
     out_dir.mkdir(parents=True, exist_ok=True)
-    bundle = factory.create_trained(cfg, device="cpu")
-    bundle.model.requires_grad_(False)
-    classes, prompts = class_names(cfg), prompt_fn(cfg)
-    seed = derive_seed(cfg.seed, "zeroshot") % (2**31)  # the evaluate stage's class embeddings
-    class_emb = class_embeddings(bundle.model, bundle.tokenizer,
-                                 [prompts(c, n=cfg.eval.prompts_per_class, seed=seed) for c in classes])
-    images, labels = held_out(cfg, bundle, ic.num_images)
-    ctx = {"cfg": cfg, "classes": classes, "bundle": bundle, "class_emb": class_emb, "images": images,
-           "labels": labels, "encode": lambda x: bundle.model.encode_image(bundle.normalize(x))}
+    ctx = context(cfg)
+    classes, images = ctx["classes"], ctx["images"]
     captions, own_name = target_captions(cfg, run_dir)
     rows = [_one("target", captions, own_name, ctx, out_dir)]
     own = candidate_classes(classes, captions[0])[1]
