@@ -55,6 +55,8 @@ class ShardDataset(IterableDataset):
         # global indices never read (filter-and-retrain's excluded samples, clipbd.curation.filter)
         self.exclude = None if exclude is None or not len(exclude) else frozenset(int(i) for i in exclude)
         self._offsets = index.offsets.tolist()  # once, not a cumsum per sample
+        # ToModelTensor's JPEG path (the same pixels without PIL), looked up once, not per sample
+        self._from_bytes = getattr(to_tensor, "from_bytes", None)
         # (rank, world): read only this rank's shards (see `by_rank_shards`) and, with more than one
         # rank, cycle through them without end (the consumer takes a fixed number of batches)
         self.rank_shards = rank_shards
@@ -91,8 +93,7 @@ class ShardDataset(IterableDataset):
     def _decode(self, sid: int, s: Any) -> dict:
         path = self.index.shards[sid]
         gidx = int(self._offsets[sid] + s.pos)
-        fast = getattr(self.to_tensor, "from_bytes", None)  # ToModelTensor's JPEG path (same pixels)
-        img = fast(s.image, s.ext) if fast is not None else None
+        img = self._from_bytes(s.image, s.ext) if self._from_bytes is not None else None
         if img is None:
             img = self.to_tensor(decode_image(s.image, f"{path}:{s.key}"))
         caption, poisoned = s.caption, False
