@@ -133,6 +133,7 @@ def test_lr_schedules_cosine_and_wsd():
 def test_schedule_settings_are_checked_and_keyed(tiny_cfg):
     from clipbd import checks, runstate
 
+    OmegaConf.update(tiny_cfg, "train.schedule", "cosine")  # the embedded default is wsd
     cosine = runstate.stage_key(tiny_cfg, "pretrain")
     OmegaConf.update(tiny_cfg, "train.decay_fraction", 0.2)  # its default: the cosine key stays
     assert runstate.stage_key(tiny_cfg, "pretrain") == cosine
