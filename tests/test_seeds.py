@@ -43,11 +43,13 @@ def test_detectors_take_the_scoring_regimes_k():
     assert one.detector.dao.k == 32 and one.detector.slof.k == 128
 
 
-def _run(tmp_path, name, attack, seed, threads, values):
+def _run(tmp_path, name, attack, seed, threads, values, schedule=None):
     run = tmp_path / name
     run.mkdir()
     cfg = {"seed": seed, "attack": {"_target_": f"clipbd.attacks.{attack}.BadNets"} if attack else None,
            "dataset": {"synthetic": {"seed": 1234 + seed}}}
+    if schedule:  # runs from before train.schedule have none: cosine
+        cfg["train"] = {"schedule": schedule}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     # meta.json says what ran last (here a 1-thread re-scoring); the pretrain marker, what trained it
     (run / "meta.json").write_text(json.dumps({"threads": 1, "cpu": "test cpu"}))
@@ -62,17 +64,19 @@ def test_collector_reports_mean_min_max_per_attack_and_thread_count(tmp_path):
                                                         "eval/clean_acc": 0.8 + seed / 100})
     _run(tmp_path, "clean0", None, 0, 2, {"eval/clean_acc": 0.6})
     _run(tmp_path, "bn0t1", "badnets", 0, 1, {"attack/asr": 0.5, "eval/clean_acc": 0.7})
+    _run(tmp_path, "bn0wsd", "badnets", 0, 2, {"attack/asr": 0.25, "eval/clean_acc": 0.9}, schedule="wsd")
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(ROOT / "experiments/seeds/collect.py"), str(tmp_path),
                            "--out", str(out)], capture_output=True, text=True, check=True)
     text = (out / "summary.md").read_text()
     assert text == proc.stdout.rstrip("\n") + "\n"
     blocks = {b.split(":")[0]: b for b in text.split("### ")[1:]}
-    bn = blocks["attack=badnets, threads=2"]
+    bn = blocks["attack=badnets, schedule=cosine, threads=2"]
     assert "3 runs (seeds [0, 1, 2])" in bn
     assert "| attack/asr | 0.950 | 0.900 | 1.000 | 0.100 |" in bn
     assert "| eval/clean_acc | 0.810 | 0.800 | 0.820 | 0.020 |" in bn
-    assert "| attack/asr | 0.500 | 0.500 | 0.500 | 0.000 |" in blocks["attack=badnets, threads=1"]
-    assert "| eval/clean_acc | 0.600 |" in blocks["attack=none, threads=2"]
+    assert "| attack/asr | 0.500 | 0.500 | 0.500 | 0.000 |" in blocks["attack=badnets, schedule=cosine, threads=1"]
+    assert "| attack/asr | 0.250 | 0.250 | 0.250 | 0.000 |" in blocks["attack=badnets, schedule=wsd, threads=2"]
+    assert "| eval/clean_acc | 0.600 |" in blocks["attack=none, schedule=cosine, threads=2"]
     rows = (out / "runs.csv").read_text().splitlines()
-    assert len(rows) == 1 + 5
+    assert len(rows) == 1 + 6

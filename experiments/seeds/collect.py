@@ -5,9 +5,10 @@
     python -m clipbd.run -m +experiment=seeds attack=none         # the clean reference, same seeds
     python experiments/seeds/collect.py multirun/seeds --out experiments/seeds
 
-Every directory under the given paths with a `metrics.json` is a run; runs are grouped by attack and
-thread count (`config.yaml`, `meta.json`), so one table can hold the BadNets and clean seeds and the
-one-thread repeats. Writes `<out>/runs.csv` (one row per run) and `<out>/summary.md`.
+Every directory under the given paths with a `metrics.json` is a run; runs are grouped by attack,
+learning-rate schedule (`train.schedule`; runs from before the option: cosine) and the thread count
+that trained them (`config.yaml`, the pretrain stage's marker), so one table can hold the BadNets and
+clean seeds, the one-thread repeats and both schedules. Writes `<out>/runs.csv` (one row per run) and `<out>/summary.md`.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def run_row(run: Path) -> dict:
     # e.g. a later re-scoring); runs trained before markers recorded it: unknown
     marker = run / "stages" / "pretrain.json"
     trained_on = (json.loads(marker.read_text()).get("machine") or {}) if marker.exists() else {}
-    row = {"run": str(run), "attack": _attack(cfg), "seed": cfg.get("seed"),
+    row = {"run": str(run), "attack": _attack(cfg), "schedule": (cfg.get("train") or {}).get("schedule", "cosine"),
+           "seed": cfg.get("seed"),
            "data_seed": ((cfg.get("dataset") or {}).get("synthetic") or {}).get("seed"),
            "threads": trained_on.get("threads", ""), "cpu": trained_on.get("cpu", "")}
     for m in METRICS:
@@ -49,11 +51,12 @@ def run_row(run: Path) -> dict:
 def summary(rows: list[dict]) -> list[str]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["attack"], r["threads"]), []).append(r)
+        groups.setdefault((r["attack"], r["schedule"], r["threads"]), []).append(r)
     lines = []
-    for (attack, threads), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+    for (attack, schedule, threads), rs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
         seeds = sorted(r["seed"] for r in rs)
-        lines += [f"### attack={attack}, threads={threads or '?'}: {len(rs)} runs (seeds {seeds})", "",
+        lines += [f"### attack={attack}, schedule={schedule}, threads={threads or '?'}: {len(rs)} runs "
+                  f"(seeds {seeds})", "",
                   "| metric | mean | min | max | max − min | per seed |", "|---|---|---|---|---|---|"]
         for m in METRICS:
             vals = [(r["seed"], r[m]) for r in rs if r[m] is not None]
