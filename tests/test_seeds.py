@@ -31,6 +31,13 @@ def test_seeds_experiment_sweeps_five_seeds():
     assert cfg.name == "seeds"
 
 
+def test_the_tiny_default_decays_late_and_the_cc3m_recipe_stays_cosine():
+    # wsd: the seeds that start learning shapes late are not cut off by a cosine tail (issue 18)
+    assert compose_cfg([]).train.schedule == "wsd"
+    assert compose_cfg(["+experiment=seeds"]).train.schedule == "wsd"
+    assert compose_cfg(["+experiment=cc3m_badnet_dao"]).train.schedule == "cosine"
+
+
 def test_detectors_take_the_scoring_regimes_k():
     default = compose_cfg()
     assert (default.scoring.batch_size, default.scoring.k) == (1024, 128)
