@@ -19,7 +19,6 @@ from omegaconf import OmegaConf
 
 from clipbd.models import factory
 from clipbd.models.evaluation import evaluate_model
-from clipbd.registry import build_attack
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         bundle = factory.create_trained(cfg, "cpu")
         for test_run in args.runs:
             OmegaConf.update(cfg, "dataset.test_shards", str(test_run / "data" / "test-*.tar"))
-            acc = evaluate_model(cfg, bundle, build_attack(cfg), "cpu")["eval/clean_acc"]
+            acc = evaluate_model(cfg, bundle, None, "cpu")["eval/clean_acc"]  # clean accuracy only: no triggers
             table[f"{model_run.name} on {test_run.name}"] = acc
             print(f"{model_run.name} on {test_run.name}: {acc:.4f}", flush=True)
     print(json.dumps(table, indent=1))
