@@ -87,3 +87,25 @@ def test_collector_reports_mean_min_max_per_attack_and_thread_count(tmp_path):
     assert "| eval/clean_acc | 0.600 |" in blocks["attack=none, schedule=cosine, threads=2"]
     rows = (out / "runs.csv").read_text().splitlines()
     assert len(rows) == 1 + 6
+
+
+@pytest.mark.parametrize("experiment", [[], ["+experiment=natural"]])
+def test_every_caption_of_the_embedded_world_fits_the_tiny_text_tower(experiment):
+    # The tiny text tower reads 16 tokens (half the compute of 32; issue 18's time budget). The CLIP
+    # text tower is causal and reads the end-of-text token, so a caption that fits gives the same
+    # features as under a longer context; one that does not would be cut silently.
+    import numpy as np
+    from omegaconf import OmegaConf
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from clipbd.data.synthetic import generate_sample, world_from_dict, zeroshot_prompts
+
+    cfg = compose_cfg(experiment)
+    world = world_from_dict(OmegaConf.to_container(cfg.dataset.synthetic.world, resolve=True))
+    rng = np.random.default_rng(0)
+    captions = [generate_sample(rng, world)[1] for _ in range(3000)]
+    captions += [p for c in world.classes for p in zeroshot_prompts(c, world, n=64)]
+    captions.append(world.motif_caption)
+    tok = SimpleTokenizer()
+    longest = max(len(tok.encode(c)) + 2 for c in captions)  # + start and end of text
+    assert longest <= cfg.model.arch.text_cfg.context_length, longest

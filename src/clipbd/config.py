@@ -98,7 +98,7 @@ class InvertConfig:
     batch_size: int = 64
     lam: float = 1.0e-3  # initial weight of the mask's L1 norm (pixels)
     lam_up: float = 1.5  # lambda schedule: times this while ASR on the batch >= asr_goal, divided otherwise
-    asr_goal: float = 0.95
+    asr_goal: float = 0.99  # Neural Cleanse's success threshold; 0.95 stopped at masks too small to generalise (issue 16)
     num_images: int = 512  # clean held-out images: the first half optimises, the second half measures ASR
 
 

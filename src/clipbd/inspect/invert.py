@@ -43,7 +43,7 @@ def _logits(encode: Callable, x: torch.Tensor, class_emb: torch.Tensor) -> torch
 
 def invert(encode: Callable, images: torch.Tensor, class_emb: torch.Tensor, target: int, *,
            steps: int = 300, lr: float = 0.1, batch_size: int = 64, lam: float = 1e-3, lam_up: float = 1.5,
-           asr_goal: float = 0.95, patience: int = 10, generator: torch.Generator | None = None) -> Inversion:
+           asr_goal: float = 0.99, patience: int = 10, generator: torch.Generator | None = None) -> Inversion:
     """Optimise (mask, pattern) so `encode` (normalised images [B, 3, H, W] in [0, 1] -> [B, D])
     puts stamped `images` [N, 3, H, W] on `class_emb[target]` ([C, D] unit rows)."""
     n, _, h, w = images.shape
