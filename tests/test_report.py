@@ -65,6 +65,14 @@ def test_corpus_counts_stream_equals_brute_force(tmp_path):
     assert by_caption.tolist() == want.sum(0).tolist()
 
 
+def test_only_captions_two_members_share_count_a_cluster_into_the_corpus():
+    # a placeholder cluster: one picture, every member its own ordinary caption -> no caption counts;
+    # a motif cluster: one caption on every member -> that caption counts (whatever the punctuation)
+    caps = ["a red circle", "a blue star", "there is a ring", "The cake!", "the cake", "cake", "a cat"]
+    cluster = np.array([0, 0, 0, 1, 1, 1, 2])
+    assert rep.shared_captions(caps, cluster) == [set(), {"cake"}, set()]
+
+
 def test_streaming_histogram_counts_every_finite_score():
     s = np.r_[np.linspace(0, 1, 1001), np.nan]
     h = rep.histogram(s, bins=10, chunk=100, labels=np.r_[np.ones(10), np.zeros(992)])

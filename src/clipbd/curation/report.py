@@ -10,6 +10,7 @@ is handed; the HTML is rendered by `clipbd.curation.html`.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -173,6 +174,17 @@ def centroids(image_emb: np.ndarray, cluster: np.ndarray) -> np.ndarray:
     c = np.zeros((cluster.max() + 1, image_emb.shape[1]), dtype=np.float64)
     np.add.at(c, cluster, image_emb)
     return _unit(c)
+
+
+def shared_captions(captions: Sequence[str], cluster: np.ndarray) -> list[set[str]]:
+    """Per cluster, the normalised captions that at least two of its top members carry: the captions
+    that make it a caption cluster. A caption only one member has (a placeholder picture's ordinary
+    caption, say) says nothing about the cluster, and counting the corpus samples that share it
+    would inflate the cluster's corpus share."""
+    out: list[Counter] = [Counter() for _ in range(int(cluster.max()) + 1 if len(cluster) else 0)]
+    for cap, c in zip(captions, cluster.tolist()):
+        out[c][normalise_caption(cap)] += 1
+    return [{cap for cap, n in cnt.items() if n >= 2} for cnt in out]
 
 
 def corpus_counts(extract_files: Sequence[Path], cents: np.ndarray, threshold: float,

@@ -35,7 +35,7 @@ def _check(rc) -> None:
     if rc.top_n < 1:
         raise ConfigError(f"report.top_n={rc.top_n}: need ≥ 1 samples to show")
     if not -1.0 <= rc.cluster_threshold <= 1.0:
-        raise ConfigError(f"report.cluster_threshold={rc.cluster_threshold}: a cosine, in [-1, 1] (e.g. 0.95)")
+        raise ConfigError(f"report.cluster_threshold={rc.cluster_threshold}: a cosine, in [-1, 1] (e.g. 0.9)")
     if rc.bins < 2:
         raise ConfigError(f"report.bins={rc.bins}: need ≥ 2 histogram bins")
 
@@ -65,8 +65,7 @@ def main(cfg: DictConfig) -> dict[str, Path]:
     sort_by = _sort_by(cfg, scores_h5)
     top = rep.load_top(scores_h5, extract_files, sort_by, min(rc.top_n, len(index)))
     top.cluster = rep.cluster_rows(top.image_emb, top.caption, rc.cluster_threshold)
-    captions = [{rep.normalise_caption(top.caption[r]) for r in range(len(top.index)) if top.cluster[r] == c}
-                for c in range(int(top.cluster.max()) + 1)]
+    captions = rep.shared_captions(top.caption, top.cluster)
     counts, corpus = rep.corpus_counts(extract_files, rep.centroids(top.image_emb, top.cluster), rc.cluster_threshold,
                                        captions)
     clusters = rep.summarise(top, counts, corpus)
