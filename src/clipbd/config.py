@@ -76,7 +76,7 @@ class ReportConfig:
     top_n: int = 200  # samples shown, most suspicious first
     # Two of the top samples are one cluster when their image embeddings have cosine > this (or
     # their captions match after normalisation); a cluster's corpus share counts the samples this
-    # close to its centroid. 0.9: the natural world's placeholders (one picture moved by <= 1 px)
+    # close to its centroid or carrying a caption two of its members share. 0.9: the natural world's placeholders (one picture moved by <= 1 px)
     # embed at cosine 0.93-1.00 to each other under the default model and distinct pictures at
     # <= 0.81 to them (experiments/natural/README.md, session 10); at 0.95 four of 52 split off.
     cluster_threshold: float = 0.9
