@@ -58,3 +58,47 @@ def test_filter_then_pretrain_on_the_rest(smoke_run, tmp_path):
                   "stages=[data,poison,filter]", "logging.wandb.mode=disabled", check=False)
     assert bad.returncode == 2 and "poison plan" in bad.stderr
     shutil.rmtree(other, ignore_errors=True)
+
+
+def _fr_run(root, name, detector, drop, asr, clean, poisons_excluded):
+    import yaml
+
+    run = root / name
+    (run / "filter").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "filter": {"detector": detector,
+                                                                            "drop_fraction": drop}}))
+    (run / "metrics.json").write_text(json.dumps({"attack/asr": asr, "eval/clean_acc": clean}))
+    (run / "filter" / "excluded.json").write_text(json.dumps(
+        {"num_excluded": int(drop * 1000), "poisons_excluded": poisons_excluded, "poisons": 50}))
+    return run
+
+
+def test_filter_collector_adds_the_source_as_nothing_dropped_for_every_detector(tmp_path):
+    import csv
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import ROOT
+
+    runs = [_fr_run(tmp_path, "d10", "dao", 0.10, 0.05, 0.7, 50), _fr_run(tmp_path, "d01", "dao", 0.01, 0.9, 0.8, 10),
+            _fr_run(tmp_path, "k10", "kdist", 0.10, 0.04, 0.71, 50)]
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.yaml").write_text(yaml.safe_dump({"seed": 0}))
+    (src / "metrics.json").write_text(json.dumps({"attack/asr": 1.0, "eval/clean_acc": 0.85}))
+    (src / "poison_plan.json").write_text(json.dumps({"poison_count": 50}))
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    (clean / "metrics.json").write_text(json.dumps({"eval/clean_acc": 0.75}))
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run([sys.executable, str(ROOT / "experiments/filter_retrain/collect.py"), *map(str, runs),
+                    "--source", str(src), "--clean", str(clean), "--floor", "0.1", "--out", str(out)],
+                   check=True, capture_output=True, text=True)
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(r["detector"], float(r["drop_fraction"]), float(r["asr"])) for r in rows] == [
+        ("dao", 0.0, 1.0), ("dao", 0.01, 0.9), ("dao", 0.10, 0.05), ("kdist", 0.0, 1.0), ("kdist", 0.10, 0.04)]
+    assert rows[0]["poisons"] == "50" and rows[0]["excluded"] == "0"
+    assert (out / "asr_vs_dropped.png").stat().st_size > 10_000

@@ -1,11 +1,15 @@
 """Collect filter-and-retrain runs into results.csv and a plot of ASR and clean accuracy against the
 dropped fraction, one line per detector (README.md here says how the runs are made):
 
-    python experiments/filter_retrain/collect.py RUN_DIR... [--clean CLEAN_RUN] [--out experiments/filter_retrain]
+    python experiments/filter_retrain/collect.py RUN_DIR... [--source SOURCE_RUN] [--clean CLEAN_RUN]
+        [--floor ASR] [--out experiments/filter_retrain]
 
 A run directory is one `+experiment=filter_retrain` run (its config.yaml names filter.detector and
-filter.drop_fraction, its metrics.json holds attack/asr and eval/clean_acc); `--clean` adds the clean
-run of the same seed (attack=none) as a reference line.
+filter.drop_fraction, its metrics.json holds attack/asr and eval/clean_acc). `--source` adds the
+filtered run's source as x = 0 of every detector (nothing dropped is the same training for all of
+them: same data, seed and settings), instead of retraining it once per detector. `--clean` adds the
+clean run of the same seed (attack=none) as a reference line of clean accuracy; `--floor` the ASR the
+poisoned run's trigger reaches on that clean model (floor.py), the ASR no filter can go below.
 """
 
 from __future__ import annotations
@@ -29,7 +33,17 @@ def row(run: Path) -> dict:
             "poisons": excl.get("poisons"), "asr": m.get("attack/asr"), "clean_acc": m.get("eval/clean_acc")}
 
 
-def plot(rows: list[dict], clean: dict | None, path: Path) -> None:
+def source_rows(source: Path, detectors: list[str]) -> list[dict]:
+    cfg = yaml.safe_load((source / "config.yaml").read_text())
+    m = json.loads((source / "metrics.json").read_text())
+    plan_path = source / "poison_plan.json"
+    poisons = json.loads(plan_path.read_text())["poison_count"] if plan_path.exists() else None
+    return [{"run": str(source), "detector": det, "drop_fraction": 0.0, "kept_fraction": 1.0, "seed": cfg["seed"],
+             "excluded": 0, "poisons_excluded": 0, "poisons": poisons,
+             "asr": m.get("attack/asr"), "clean_acc": m.get("eval/clean_acc")} for det in detectors]
+
+
+def plot(rows: list[dict], clean: dict | None, floor: float | None, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -41,6 +55,9 @@ def plot(rows: list[dict], clean: dict | None, path: Path) -> None:
         x = [100 * r["drop_fraction"] for r in rs]
         axes[0].plot(x, [r["asr"] for r in rs], "o-", label=det)
         axes[1].plot(x, [r["clean_acc"] for r in rs], "o-", label=det)
+    if floor is not None:
+        axes[0].axhline(floor, color="k", ls=":", label="clean model, same trigger")
+        axes[0].legend(fontsize=8)
     if clean is not None:
         axes[1].axhline(clean["eval/clean_acc"], color="k", ls=":", label="clean run (attack=none)")
     axes[0].set(xlabel="training samples dropped (%)", ylabel="attack success rate", ylim=(-0.02, 1.02))
@@ -53,16 +70,21 @@ def plot(rows: list[dict], clean: dict | None, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--source", type=Path, default=None, help="the source run, as x = 0 of every detector")
     ap.add_argument("--clean", type=Path, default=None)
+    ap.add_argument("--floor", type=float, default=None, help="ASR of the trigger on the clean model (floor.py)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent)
     args = ap.parse_args()
     rows = [row(r) for r in args.runs if (r / "metrics.json").exists()]
+    if args.source is not None:
+        have_zero = {r["detector"] for r in rows if r["drop_fraction"] == 0}
+        rows += source_rows(args.source, sorted({r["detector"] for r in rows} - have_zero))
     with open(args.out / "results.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(sorted(rows, key=lambda r: (r["detector"], r["drop_fraction"])))
     clean = json.loads((args.clean / "metrics.json").read_text()) if args.clean else None
-    plot(rows, clean, args.out / "asr_vs_dropped.png")
+    plot(rows, clean, args.floor, args.out / "asr_vs_dropped.png")
     print(f"{len(rows)} runs -> {args.out / 'results.csv'}, {args.out / 'asr_vs_dropped.png'}")
 
 
