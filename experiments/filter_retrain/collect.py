@@ -1,8 +1,8 @@
 """Collect filter-and-retrain runs into results.csv and a plot of ASR and clean accuracy against the
 dropped fraction, one line per detector (README.md here says how the runs are made):
 
-    python experiments/filter_retrain/collect.py RUN_DIR... [--source SOURCE_RUN] [--clean CLEAN_RUN]
-        [--floor ASR] [--out experiments/filter_retrain]
+    python experiments/filter_retrain/collect.py RUN_DIR... [--source SOURCE_RUN]
+        [--clean CLEAN_RUN | --clean-acc ACC] [--floor ASR] [--out experiments/filter_retrain]
 
 A run directory is one `+experiment=filter_retrain` run (its config.yaml names filter.detector and
 filter.drop_fraction, its metrics.json holds attack/asr and eval/clean_acc). `--source` adds the
@@ -71,7 +71,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--source", type=Path, default=None, help="the source run, as x = 0 of every detector")
-    ap.add_argument("--clean", type=Path, default=None)
+    ap.add_argument("--clean", type=Path, default=None, help="the clean run of the same seed (attack=none)")
+    ap.add_argument("--clean-acc", type=float, default=None,
+                    help="that clean run's eval/clean_acc, when the run dir itself is gone")
     ap.add_argument("--floor", type=float, default=None, help="ASR of the trigger on the clean model (floor.py)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent)
     args = ap.parse_args()
@@ -84,6 +86,8 @@ def main() -> None:
         w.writeheader()
         w.writerows(sorted(rows, key=lambda r: (r["detector"], r["drop_fraction"])))
     clean = json.loads((args.clean / "metrics.json").read_text()) if args.clean else None
+    if clean is None and args.clean_acc is not None:
+        clean = {"eval/clean_acc": args.clean_acc}
     plot(rows, clean, args.floor, args.out / "asr_vs_dropped.png")
     print(f"{len(rows)} runs -> {args.out / 'results.csv'}, {args.out / 'asr_vs_dropped.png'}")
 
