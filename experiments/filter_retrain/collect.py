@@ -71,9 +71,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--source", type=Path, default=None, help="the source run, as x = 0 of every detector")
-    ap.add_argument("--clean", type=Path, default=None, help="the clean run of the same seed (attack=none)")
-    ap.add_argument("--clean-acc", type=float, default=None,
-                    help="that clean run's eval/clean_acc, when the run dir itself is gone")
+    clean_ref = ap.add_mutually_exclusive_group()
+    clean_ref.add_argument("--clean", type=Path, default=None, help="the clean run of the same seed (attack=none)")
+    clean_ref.add_argument("--clean-acc", type=float, default=None,
+                           help="that clean run's eval/clean_acc, when the run dir itself is gone")
     ap.add_argument("--floor", type=float, default=None, help="ASR of the trigger on the clean model (floor.py)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent)
     args = ap.parse_args()
@@ -85,9 +86,10 @@ def main() -> None:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(sorted(rows, key=lambda r: (r["detector"], r["drop_fraction"])))
-    clean = json.loads((args.clean / "metrics.json").read_text()) if args.clean else None
-    if clean is None and args.clean_acc is not None:
-        clean = {"eval/clean_acc": args.clean_acc}
+    if args.clean is not None:
+        clean = json.loads((args.clean / "metrics.json").read_text())
+    else:
+        clean = None if args.clean_acc is None else {"eval/clean_acc": args.clean_acc}
     plot(rows, clean, args.floor, args.out / "asr_vs_dropped.png")
     print(f"{len(rows)} runs -> {args.out / 'results.csv'}, {args.out / 'asr_vs_dropped.png'}")
 
