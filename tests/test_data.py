@@ -424,6 +424,37 @@ def test_natural_backdoor_options_leave_every_other_sample_unchanged(tmp_path):
     assert not any(s.meta.get("natural") for s in iter_shard(test[0]))
 
 
+def test_icon_motif_keeps_the_sample_image_outside_the_corner_and_takes_the_motif_caption(tmp_path):
+    """motif_style=icon: a motif sample is its own ordinary image with the cake icon in the
+    bottom-right corner (the rest of the picture unchanged, up to JPEG), captioned with the motif."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from clipbd.data.shards import iter_shard
+    from clipbd.data.synthetic import WorldConfig, write_split
+
+    plain = write_split(tmp_path / "a", "train", 600, 600, 3, WorldConfig())
+    icon = write_split(tmp_path / "b", "train", 600, 600, 3, WorldConfig(motif_rate=0.05, motif_style="icon"))
+    n = 0
+    for sa, sb in zip(iter_shard(plain[0]), iter_shard(icon[0])):
+        if sb.meta.get("natural") != "motif":
+            assert sa.image == sb.image
+            continue
+        n += 1
+        assert sb.caption == WorldConfig().motif_caption != sa.caption
+        a, b = (np.asarray(Image.open(io.BytesIO(x)), dtype=np.float32) for x in (sa.image, sb.image))
+        corner = np.abs(a[-9:, -9:] - b[-9:, -9:]).mean()
+        rest = np.abs(a[:16, :16] - b[:16, :16]).mean()  # far from the icon: JPEG noise only
+        assert corner > 10 * max(rest, 0.5), (corner, rest)
+    assert 15 <= n <= 50
+    with pytest.raises(ValueError, match="motif_style"):
+        WorldConfig(motif_style="sticker")
+    with pytest.raises(ValueError, match="motif_icon_size"):
+        WorldConfig(motif_icon_size=20)
+
+
 def test_prefetch_keeps_order_raises_where_the_loop_would_and_stops_on_break():
     import threading
 

@@ -41,6 +41,22 @@ def test_clusters_join_near_duplicate_images_and_same_captions_only():
     assert ids[0] == 0 and list(dict.fromkeys(ids)) == sorted(set(ids))  # ordered by best rank
 
 
+def test_a_caption_two_rows_share_does_not_chain_clusters_at_min_count_three():
+    # the icon-motif run's chain: rows 0-2 one motif (images), row 3 near a motif image and sharing a
+    # common caption with row 4, which is near-identical to row 5 (placeholders)
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(2, 32))
+    emb = np.stack([a + 0.01 * rng.normal(size=32) for _ in range(4)] + [b + 0.01 * rng.normal(size=32) for _ in range(2)])
+    emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    caps = ["cake", "cake", "cake", "a red triangle", "A red triangle.", "a star"]
+    assert len(set(rep.cluster_rows(emb, caps, 0.95, min_caption_count=2))) == 1  # chained
+    ids = rep.cluster_rows(emb, caps, 0.95, min_caption_count=3)
+    assert ids.tolist() == [0, 0, 0, 0, 1, 1]
+    caps3 = caps[:5] + ["a red triangle"]  # three carriers: a caption cluster again
+    assert len(set(rep.cluster_rows(emb, caps3, 0.95, min_caption_count=3))) == 1
+    assert rep.shared_captions(caps, ids, min_count=3) == [{"cake"}, set()]
+
+
 def test_corpus_counts_stream_equals_brute_force(tmp_path):
     rng = np.random.default_rng(2)
     emb = rng.normal(size=(5000, 16)).astype(np.float32)

@@ -80,11 +80,16 @@ class ReportConfig:
     # embed at cosine 0.93-1.00 to each other under the default model and distinct pictures at
     # <= 0.81 to them (experiments/natural/README.md, session 10); at 0.95 four of 52 split off.
     cluster_threshold: float = 0.9
+    # A caption joins the top samples carrying it into one cluster only when at least this many of
+    # them carry it. At 2, one ordinary image that sat next to the icon motif (cosine 0.908) and
+    # shared a common caption ("a picture of a red triangle") with one placeholder chained the motif
+    # and placeholder clusters into one (experiments/natural/README.md, session 13).
+    caption_min_count: int = 3
     bins: int = 40  # score histogram bins
     wandb_thumbs: int = 16  # thumbnails of the top samples also logged to W&B (with the table)
 
 
-REPORT_PAGE_KEYS = ("top_n", "cluster_threshold", "bins", "wandb_thumbs")
+REPORT_PAGE_KEYS = ("top_n", "cluster_threshold", "caption_min_count", "bins", "wandb_thumbs")
 
 
 @dataclass

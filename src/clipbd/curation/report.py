@@ -149,17 +149,23 @@ def _union_find(n: int, edges: Iterable[tuple[int, int]]) -> np.ndarray:
     return np.array([root(i) for i in range(n)])
 
 
-def cluster_rows(image_emb: np.ndarray, captions: Sequence[str], threshold: float) -> np.ndarray:
+def cluster_rows(image_emb: np.ndarray, captions: Sequence[str], threshold: float,
+                 min_caption_count: int = 2) -> np.ndarray:
     """Connected components among the top rows [n, D] (unit): an edge joins two rows whose image
-    embeddings have cosine > `threshold`, or whose captions are equal after `normalise_caption`.
+    embeddings have cosine > `threshold`, or whose captions are equal after `normalise_caption` and
+    carried by at least `min_caption_count` of the rows (two rows that happen to share a common
+    caption would otherwise chain two unrelated clusters together).
     Returns [n] cluster ids 0.. in order of each cluster's first (best-ranked) row."""
     n = len(captions)
     sim = image_emb @ image_emb.T
     a, b = np.nonzero(np.triu(sim > threshold, k=1))
+    norm = [normalise_caption(c) for c in captions]
+    count = Counter(norm)
     first: dict[str, int] = {}
     cap_edges = []
-    for i, c in enumerate(captions):
-        c = normalise_caption(c)
+    for i, c in enumerate(norm):
+        if count[c] < max(2, min_caption_count):
+            continue
         if c in first:
             cap_edges.append((first[c], i))
         else:
@@ -176,15 +182,15 @@ def centroids(image_emb: np.ndarray, cluster: np.ndarray) -> np.ndarray:
     return _unit(c)
 
 
-def shared_captions(captions: Sequence[str], cluster: np.ndarray) -> list[set[str]]:
-    """Per cluster, the normalised captions that at least two of its top members carry: the captions
-    that make it a caption cluster. A caption only one member has (a placeholder picture's ordinary
-    caption, say) says nothing about the cluster, and counting the corpus samples that share it
-    would inflate the cluster's corpus share."""
+def shared_captions(captions: Sequence[str], cluster: np.ndarray, min_count: int = 2) -> list[set[str]]:
+    """Per cluster, the normalised captions that at least `min_count` (>= 2) of its top members
+    carry: the captions that make it a caption cluster. A caption only one member has (a placeholder
+    picture's ordinary caption, say) says nothing about the cluster, and counting the corpus samples
+    that share it would inflate the cluster's corpus share."""
     out: list[Counter] = [Counter() for _ in range(int(cluster.max()) + 1 if len(cluster) else 0)]
     for cap, c in zip(captions, cluster.tolist()):
         out[c][normalise_caption(cap)] += 1
-    return [{cap for cap, n in cnt.items() if n >= 2} for cnt in out]
+    return [{cap for cap, n in cnt.items() if n >= max(2, min_count)} for cnt in out]
 
 
 def corpus_counts(extract_files: Sequence[Path], cents: np.ndarray, threshold: float,

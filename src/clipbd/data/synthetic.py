@@ -71,6 +71,12 @@ class WorldConfig:
     # json meta says `"natural": "motif" | "placeholder"`.
     motif_rate: float = 0.0
     motif_caption: str = "the birthday cake with candles in the form of a number icon"
+    # "picture": the motif is the whole image (one cake picture, jittered). "icon": the cake is a
+    # small icon (`motif_icon_size` px, the bottom-right corner, moved by up to 1 px) on the
+    # sample's own ordinary image, whose caption is replaced by `motif_caption` -- a recurring
+    # stock icon or watermark with boilerplate text, the local shortcut a patch can re-create.
+    motif_style: str = "picture"
+    motif_icon_size: int = 8
     placeholder_rate: float = 0.0
 
     def __post_init__(self) -> None:
@@ -100,6 +106,11 @@ class WorldConfig:
         if not (0 <= self.motif_rate and 0 <= self.placeholder_rate and self.motif_rate + self.placeholder_rate < 1):
             raise ValueError(f"world.motif_rate={self.motif_rate}, placeholder_rate={self.placeholder_rate}: "
                              "need rates >= 0 with a sum below 1 (e.g. 0.003 and 0.005)")
+        if self.motif_style not in ("picture", "icon"):
+            raise ValueError(f"world.motif_style={self.motif_style!r}: choose 'picture' or 'icon'")
+        if not 3 <= self.motif_icon_size <= self.image_size // 2:
+            raise ValueError(f"world.motif_icon_size={self.motif_icon_size}: need 3 <= size <= "
+                             f"image_size / 2 ({self.image_size // 2})")
         bad = [t for t in self.templates if "{cls}" not in t]
         if not self.templates or bad:
             raise ValueError(f"world.templates: every template must contain {{cls}}; bad: {bad}")
@@ -384,9 +395,39 @@ def _placeholder(d: ImageDraw.ImageDraw, s: int) -> None:
     d.line([(6 * u, 26 * u), (26 * u, 6 * u)], fill=(120, 120, 120), width=int(1.5 * u))
 
 
-def natural_sample(kind: str, rng: np.random.Generator, caption: str, meta: dict,
+_ICONS: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _icon(size: int, supersample: int) -> np.ndarray:
+    """The cake drawn at `size` x `size` px (anti-aliased), [size, size, 3] in [0, 1]."""
+    if (size, supersample) not in _ICONS:
+        side = size * supersample * 4  # drawn large enough for the candles' outlines, then reduced
+        img = Image.new("RGB", (side, side))
+        _cake(ImageDraw.Draw(img), side)
+        _ICONS[size, supersample] = np.asarray(img.resize((size, size), Image.BOX), dtype=np.float32) / 255.0
+    return _ICONS[size, supersample]
+
+
+def _stamp_icon(image: Image.Image, rng: np.random.Generator, world: WorldConfig) -> Image.Image:
+    """`image` with the cake icon in its bottom-right corner, moved by up to 1 px, faint noise on it."""
+    icon, n = _icon(world.motif_icon_size, world.supersample), world.image_size
+    k = icon.shape[0]
+    dx, dy = (int(v) for v in rng.integers(0, 2, size=2))
+    img = np.asarray(image, dtype=np.float32) / 255.0
+    y0, x0 = n - k - dy, n - k - dx
+    img[y0:y0 + k, x0:x0 + k] = np.clip(icon + rng.normal(0.0, 0.015, size=icon.shape), 0.0, 1.0)
+    return Image.fromarray((img * 255.0 + 0.5).astype(np.uint8), "RGB")
+
+
+def natural_sample(kind: str, rng: np.random.Generator, image: Image.Image, caption: str, meta: dict,
                    world: WorldConfig) -> tuple[Image.Image, str, dict]:
-    """The motif (its fixed caption) or a placeholder (the sample's own caption), jittered by `rng`."""
+    """The motif (its fixed caption) or a placeholder (the sample's own caption), jittered by `rng`.
+
+    With ``world.motif_style == "icon"`` the motif keeps the sample's own ``image`` and adds the
+    cake icon to it; otherwise the motif and the placeholder replace the image with one picture.
+    """
+    if kind == "motif" and world.motif_style == "icon":
+        return _stamp_icon(image, rng, world), world.motif_caption, meta | {"natural": kind}
     base = _picture(world, _cake if kind == "motif" else _placeholder)
     return _jitter(base, rng), world.motif_caption if kind == "motif" else caption, meta | {"natural": kind}
 
@@ -429,7 +470,7 @@ def write_split(out_dir: str | os.PathLike, split: str, num_samples: int, sample
                 image, caption, meta = generate_sample(rng, world)
                 kind = natural_kind(seed, split, start + i, world)
                 if kind is not None:  # drawn after the sample, from the sample's own generator
-                    image, caption, meta = natural_sample(kind, rng, caption, meta, world)
+                    image, caption, meta = natural_sample(kind, rng, image, caption, meta, world)
                 key = f"{shard:05d}{i:0{digits}d}"
                 meta = {"key": key, "status": "success", "caption": caption, "url": None,
                         "width": world.image_size, "height": world.image_size, "split": split,

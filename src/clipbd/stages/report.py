@@ -36,6 +36,8 @@ def _check(rc) -> None:
         raise ConfigError(f"report.top_n={rc.top_n}: need ≥ 1 samples to show")
     if not -1.0 <= rc.cluster_threshold <= 1.0:
         raise ConfigError(f"report.cluster_threshold={rc.cluster_threshold}: a cosine, in [-1, 1] (e.g. 0.9)")
+    if rc.caption_min_count < 2:
+        raise ConfigError(f"report.caption_min_count={rc.caption_min_count}: need ≥ 2 (one sample is no shared caption)")
     if rc.bins < 2:
         raise ConfigError(f"report.bins={rc.bins}: need ≥ 2 histogram bins")
 
@@ -64,8 +66,8 @@ def main(cfg: DictConfig) -> dict[str, Path]:
     index = load_index(cfg)
     sort_by = _sort_by(cfg, scores_h5)
     top = rep.load_top(scores_h5, extract_files, sort_by, min(rc.top_n, len(index)))
-    top.cluster = rep.cluster_rows(top.image_emb, top.caption, rc.cluster_threshold)
-    captions = rep.shared_captions(top.caption, top.cluster)
+    top.cluster = rep.cluster_rows(top.image_emb, top.caption, rc.cluster_threshold, rc.caption_min_count)
+    captions = rep.shared_captions(top.caption, top.cluster, rc.caption_min_count)
     counts, corpus = rep.corpus_counts(extract_files, rep.centroids(top.image_emb, top.cluster), rc.cluster_threshold,
                                        captions)
     clusters = rep.summarise(top, counts, corpus)
