@@ -50,11 +50,11 @@ def test_detectors_take_the_scoring_regimes_k():
     assert one.detector.dao.k == 32 and one.detector.slof.k == 128
 
 
-def _run(tmp_path, name, attack, seed, threads, values, schedule=None):
+def _run(tmp_path, name, attack, seed, threads, values, schedule=None, weights=(1,) * 7 + (0.08,)):
     run = tmp_path / name
     run.mkdir()
     cfg = {"seed": seed, "attack": {"_target_": f"clipbd.attacks.{attack}.BadNets"} if attack else None,
-           "dataset": {"synthetic": {"seed": 1234 + seed}}}
+           "dataset": {"synthetic": {"seed": 1234 + seed, "world": {"class_weights": list(weights) if weights else None}}}}
     if schedule:  # runs from before train.schedule have none: cosine
         cfg["train"] = {"schedule": schedule}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -72,21 +72,32 @@ def test_collector_reports_mean_min_max_per_attack_and_thread_count(tmp_path):
     _run(tmp_path, "clean0", None, 0, 2, {"eval/clean_acc": 0.6})
     _run(tmp_path, "bn0t1", "badnets", 0, 1, {"attack/asr": 0.5, "eval/clean_acc": 0.7})
     _run(tmp_path, "bn0wsd", "badnets", 0, 2, {"attack/asr": 0.25, "eval/clean_acc": 0.9}, schedule="wsd")
+    for seed, (bn, clean) in enumerate([(0.85, 0.80), (0.84, 0.86)]):  # the uniform world, paired by seed
+        _run(tmp_path, f"u_bn{seed}", "badnets", seed, 2, {"attack/asr": 1.0, "eval/clean_acc": bn}, "wsd", None)
+        _run(tmp_path, f"u_clean{seed}", None, seed, 2, {"eval/clean_acc": clean}, "wsd", [2] * 8)
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(ROOT / "experiments/seeds/collect.py"), str(tmp_path),
                            "--out", str(out)], capture_output=True, text=True, check=True)
     text = (out / "summary.md").read_text()
     assert text == proc.stdout.rstrip("\n") + "\n"
     blocks = {b.split(":")[0]: b for b in text.split("### ")[1:]}
-    bn = blocks["attack=badnets, schedule=cosine, threads=2"]
+    rare = "world=1,1,1,1,1,1,1,0.08"
+    bn = blocks[f"attack=badnets, schedule=cosine, {rare}, threads=2"]
     assert "3 runs (seeds [0, 1, 2])" in bn
     assert "| attack/asr | 0.950 | 0.900 | 1.000 | 0.100 |" in bn
     assert "| eval/clean_acc | 0.810 | 0.800 | 0.820 | 0.020 |" in bn
-    assert "| attack/asr | 0.500 | 0.500 | 0.500 | 0.000 |" in blocks["attack=badnets, schedule=cosine, threads=1"]
-    assert "| attack/asr | 0.250 | 0.250 | 0.250 | 0.000 |" in blocks["attack=badnets, schedule=wsd, threads=2"]
-    assert "| eval/clean_acc | 0.600 |" in blocks["attack=none, schedule=cosine, threads=2"]
+    assert "| attack/asr | 0.500 | 0.500 | 0.500 | 0.000 |" in blocks[f"attack=badnets, schedule=cosine, {rare}, threads=1"]
+    assert "| attack/asr | 0.250 | 0.250 | 0.250 | 0.000 |" in blocks[f"attack=badnets, schedule=wsd, {rare}, threads=2"]
+    assert "| eval/clean_acc | 0.600 |" in blocks[f"attack=none, schedule=cosine, {rare}, threads=2"]
+    # equal weights and no weights are one world; the cost is paired seed by seed within it
+    assert "2 runs (seeds [0, 1])" in blocks["attack=none, schedule=wsd, world=uniform, threads=2"]
+    cost = blocks["cost of attack=badnets in clean accuracy, paired by seed (schedule=wsd, world=uniform, threads=2)"]
+    assert "| clean_acc − clean_acc(none) | +0.015 | -0.020 | +0.050 | 0.070 | 0: +0.050, 1: -0.020 |" in cost
+    # the cosine seed-0 pair (0.80 against 0.60), and no pair across schedules, worlds or threads
+    assert "0: +0.200 |" in blocks[f"cost of attack=badnets in clean accuracy, paired by seed (schedule=cosine, {rare}, threads=2)"]
+    assert sum(b.startswith("cost of") for b in blocks) == 2
     rows = (out / "runs.csv").read_text().splitlines()
-    assert len(rows) == 1 + 6
+    assert len(rows) == 1 + 10
 
 
 @pytest.mark.parametrize("experiment", [[], ["+experiment=natural"]])

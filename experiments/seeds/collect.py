@@ -6,9 +6,13 @@
     python experiments/seeds/collect.py multirun/seeds --out experiments/seeds
 
 Every directory under the given paths with a `metrics.json` is a run; runs are grouped by attack,
-learning-rate schedule (`train.schedule`; runs from before the option: cosine) and the thread count
-that trained them (`config.yaml`, the pretrain stage's marker), so one table can hold the BadNets and
-clean seeds, the one-thread repeats and both schedules. Writes `<out>/runs.csv` (one row per run) and `<out>/summary.md`.
+learning-rate schedule (`train.schedule`; runs from before the option: cosine), the synthetic world's
+class weights (`uniform`, or the weights as given) and the thread count that trained them
+(`config.yaml`, the pretrain stage's marker), so one table can hold the BadNets and clean seeds, the
+one-thread repeats, both schedules and both worlds. Where a group of an attack and the clean group
+(`attack=none`) of the same schedule, world and threads share seeds, the summary also gives the
+attack's cost in clean accuracy paired by seed (attack minus clean, same world and initialisation).
+Writes `<out>/runs.csv` (one row per run) and `<out>/summary.md`.
 """
 
 from __future__ import annotations
@@ -31,6 +35,14 @@ def _attack(cfg: dict) -> str:
     return str(node.get("_target_", "none")).rsplit(".", 1)[-1].lower() if node else "none"
 
 
+def _world(cfg: dict) -> str:
+    world = (((cfg.get("dataset") or {}).get("synthetic") or {}).get("world") or {})
+    w = world.get("class_weights")
+    if not w or len(set(map(float, w))) == 1:
+        return "uniform"
+    return ",".join(f"{float(x):g}" for x in w)
+
+
 def run_row(run: Path) -> dict:
     metrics = json.loads((run / "metrics.json").read_text())
     cfg = yaml.safe_load((run / "config.yaml").read_text())
@@ -40,7 +52,7 @@ def run_row(run: Path) -> dict:
     marker = run / "stages" / "pretrain.json"
     trained_on = (json.loads(marker.read_text()).get("machine") or {}) if marker.exists() else {}
     row = {"run": str(run), "attack": _attack(cfg), "schedule": (cfg.get("train") or {}).get("schedule", "cosine"),
-           "seed": cfg.get("seed"),
+           "world": _world(cfg), "seed": cfg.get("seed"),
            "data_seed": ((cfg.get("dataset") or {}).get("synthetic") or {}).get("seed"),
            "threads": trained_on.get("threads", ""), "cpu": trained_on.get("cpu", "")}
     for m in METRICS:
@@ -51,11 +63,11 @@ def run_row(run: Path) -> dict:
 def summary(rows: list[dict]) -> list[str]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["attack"], r["schedule"], r["threads"]), []).append(r)
+        groups.setdefault((r["attack"], r["schedule"], r["world"], r["threads"]), []).append(r)
     lines = []
-    for (attack, schedule, threads), rs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+    for (attack, schedule, world, threads), rs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
         seeds = sorted(r["seed"] for r in rs)
-        lines += [f"### attack={attack}, schedule={schedule}, threads={threads or '?'}: {len(rs)} runs "
+        lines += [f"### attack={attack}, schedule={schedule}, world={world}, threads={threads or '?'}: {len(rs)} runs "
                   f"(seeds {seeds})", "",
                   "| metric | mean | min | max | max − min | per seed |", "|---|---|---|---|---|---|"]
         for m in METRICS:
@@ -68,6 +80,26 @@ def summary(rows: list[dict]) -> list[str]:
             lines.append(f"| {m} | {fmt(v.mean())} | {fmt(v.min())} | {fmt(v.max())} | "
                          f"{fmt(v.max() - v.min())} | {per} |")
         lines.append("")
+    return lines + paired_cost(groups)
+
+
+def paired_cost(groups: dict[tuple, list[dict]]) -> list[str]:
+    """An attack's cost in clean accuracy, seed by seed against the clean run of the same schedule,
+    world and thread count (each seed: the same world and initialisation, poisoned or not)."""
+    lines = []
+    for (attack, schedule, world, threads), rs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        clean = {r["seed"]: r["eval/clean_acc"] for r in groups.get(("none", schedule, world, threads), [])
+                 if r["eval/clean_acc"] is not None}
+        pairs = sorted((r["seed"], r["eval/clean_acc"] - clean[r["seed"]]) for r in rs
+                       if attack != "none" and r["seed"] in clean and r["eval/clean_acc"] is not None)
+        if not pairs:
+            continue
+        d = np.array([x for _, x in pairs])
+        lines += [f"### cost of attack={attack} in clean accuracy, paired by seed (schedule={schedule}, "
+                  f"world={world}, threads={threads or '?'}): {len(pairs)} seeds", "",
+                  "| metric | mean | min | max | max − min | per seed |", "|---|---|---|---|---|---|",
+                  f"| clean_acc − clean_acc(none) | {d.mean():+.3f} | {d.min():+.3f} | {d.max():+.3f} | "
+                  f"{d.max() - d.min():.3f} | " + ", ".join(f"{s}: {x:+.3f}" for s, x in pairs) + " |", ""]
     return lines
 
 
