@@ -46,6 +46,10 @@ def test_detectors_take_the_scoring_regimes_k():
     for exp, k in (("cc3m_badnet_dao", 16), ("scan", 16), ("smoke", 16)):
         cfg = compose_cfg([f"+experiment={exp}"])
         assert cfg.scoring.k == k, exp
+    # the uniform world: the poisons join the clean target class's cluster, so k must pass both
+    uniform = compose_cfg(["+experiment=uniform"])
+    assert {uniform.detector[d].k for d in NEIGHBOURHOOD} == {256}
+    assert len(set(uniform.dataset.synthetic.world.class_weights)) == 1
     one = compose_cfg(["detector.dao.k=32"])
     assert one.detector.dao.k == 32 and one.detector.slof.k == 128
 
