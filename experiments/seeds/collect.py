@@ -30,6 +30,9 @@ METRICS = ["attack/asr", "eval/clean_acc", "detect/dao/auroc", "detect/kdist/aur
            "detect/dao/auprc", "time/pretrain_s"]
 
 
+TABLE_HEAD = ["| metric | mean | min | max | max − min | per seed |", "|---|---|---|---|---|---|"]
+
+
 def _attack(cfg: dict) -> str:
     node = cfg.get("attack") or {}
     return str(node.get("_target_", "none")).rsplit(".", 1)[-1].lower() if node else "none"
@@ -68,8 +71,7 @@ def summary(rows: list[dict]) -> list[str]:
     for (attack, schedule, world, threads), rs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
         seeds = sorted(r["seed"] for r in rs)
         lines += [f"### attack={attack}, schedule={schedule}, world={world}, threads={threads or '?'}: {len(rs)} runs "
-                  f"(seeds {seeds})", "",
-                  "| metric | mean | min | max | max − min | per seed |", "|---|---|---|---|---|---|"]
+                  f"(seeds {seeds})", "", *TABLE_HEAD]
         for m in METRICS:
             vals = [(r["seed"], r[m]) for r in rs if r[m] is not None]
             if not vals:
@@ -96,8 +98,7 @@ def paired_cost(groups: dict[tuple, list[dict]]) -> list[str]:
             continue
         d = np.array([x for _, x in pairs])
         lines += [f"### cost of attack={attack} in clean accuracy, paired by seed (schedule={schedule}, "
-                  f"world={world}, threads={threads or '?'}): {len(pairs)} seeds", "",
-                  "| metric | mean | min | max | max − min | per seed |", "|---|---|---|---|---|---|",
+                  f"world={world}, threads={threads or '?'}): {len(pairs)} seeds", "", *TABLE_HEAD,
                   f"| clean_acc − clean_acc(none) | {d.mean():+.3f} | {d.min():+.3f} | {d.max():+.3f} | "
                   f"{d.max() - d.min():.3f} | " + ", ".join(f"{s}: {x:+.3f}" for s, x in pairs) + " |", ""]
     return lines
