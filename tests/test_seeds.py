@@ -38,6 +38,15 @@ def test_the_tiny_default_decays_late_and_the_cc3m_recipe_stays_cosine():
     assert compose_cfg(["+experiment=cc3m_badnet_dao"]).train.schedule == "cosine"
 
 
+def test_data20k_keeps_the_defaults_steps_with_twice_the_images():
+    default, big = compose_cfg(), compose_cfg(["+experiment=data20k"])
+    steps = lambda c: c.dataset.synthetic.num_train // c.train.batch_size * c.train.epochs  # noqa: E731
+    assert big.dataset.synthetic.num_train == 2 * default.dataset.synthetic.num_train
+    assert steps(big) == steps(default) == 2808  # 312 x 9 = 156 x 18 (the last partial batch is dropped)
+    assert (big.train.warmup_steps, big.train.schedule, big.train.lr) == (default.train.warmup_steps, "wsd", default.train.lr)
+    assert big.scoring.k == default.scoring.k and big.attack.poison_rate == default.attack.poison_rate
+
+
 def test_detectors_take_the_scoring_regimes_k():
     default = compose_cfg()
     assert (default.scoring.batch_size, default.scoring.k) == (1024, 128)
@@ -54,13 +63,16 @@ def test_detectors_take_the_scoring_regimes_k():
     assert one.detector.dao.k == 32 and one.detector.slof.k == 128
 
 
-def _run(tmp_path, name, attack, seed, threads, values, schedule=None, weights=(1,) * 7 + (0.08,)):
+def _run(tmp_path, name, attack, seed, threads, values, schedule=None, weights=(1,) * 7 + (0.08,), data=None):
     run = tmp_path / name
     run.mkdir()
     cfg = {"seed": seed, "attack": {"_target_": f"clipbd.attacks.{attack}.BadNets"} if attack else None,
            "dataset": {"synthetic": {"seed": 1234 + seed, "world": {"class_weights": list(weights) if weights else None}}}}
     if schedule:  # runs from before train.schedule have none: cosine
         cfg["train"] = {"schedule": schedule}
+    if data:  # (num_train, epochs)
+        cfg["dataset"]["synthetic"]["num_train"] = data[0]
+        cfg.setdefault("train", {})["epochs"] = data[1]
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     # meta.json says what ran last (here a 1-thread re-scoring); the pretrain marker, what trained it
     (run / "meta.json").write_text(json.dumps({"threads": 1, "cpu": "test cpu"}))
@@ -79,6 +91,9 @@ def test_collector_reports_mean_min_max_per_attack_and_thread_count(tmp_path):
     for seed, (bn, clean) in enumerate([(0.85, 0.80), (0.84, 0.86)]):  # the uniform world, paired by seed
         _run(tmp_path, f"u_bn{seed}", "badnets", seed, 2, {"attack/asr": 1.0, "eval/clean_acc": bn}, "wsd", None)
         _run(tmp_path, f"u_clean{seed}", None, seed, 2, {"eval/clean_acc": clean}, "wsd", [2] * 8)
+    # twice the training images for half the epochs: another recipe, grouped and paired apart
+    _run(tmp_path, "d_bn0", "badnets", 0, 2, {"attack/asr": 1.0, "eval/clean_acc": 0.91}, "wsd", None, (20000, 9))
+    _run(tmp_path, "d_clean0", None, 0, 2, {"eval/clean_acc": 0.87}, "wsd", None, (20000, 9))
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(ROOT / "experiments/seeds/collect.py"), str(tmp_path),
                            "--out", str(out)], capture_output=True, text=True, check=True)
@@ -99,9 +114,12 @@ def test_collector_reports_mean_min_max_per_attack_and_thread_count(tmp_path):
     assert "| clean_acc − clean_acc(none) | +0.015 | -0.020 | +0.050 | 0.070 | 0: +0.050, 1: -0.020 |" in cost
     # the cosine seed-0 pair (0.80 against 0.60), and no pair across schedules, worlds or threads
     assert "0: +0.200 |" in blocks[f"cost of attack=badnets in clean accuracy, paired by seed (schedule=cosine, {rare}, threads=2)"]
-    assert sum(b.startswith("cost of") for b in blocks) == 2
+    assert "1 runs (seeds [0])" in blocks["attack=none, schedule=wsd, world=uniform, data=20000x9, threads=2"]
+    big = blocks["cost of attack=badnets in clean accuracy, paired by seed (schedule=wsd, world=uniform, data=20000x9, threads=2)"]
+    assert "0: +0.040 |" in big
+    assert sum(b.startswith("cost of") for b in blocks) == 3
     rows = (out / "runs.csv").read_text().splitlines()
-    assert len(rows) == 1 + 10
+    assert len(rows) == 1 + 12
 
 
 @pytest.mark.parametrize("experiment", [[], ["+experiment=natural"]])

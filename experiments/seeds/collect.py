@@ -7,11 +7,13 @@
 
 Every directory under the given paths with a `metrics.json` is a run; runs are grouped by attack,
 learning-rate schedule (`train.schedule`; runs from before the option: cosine), the synthetic world's
-class weights (`uniform`, or the weights as given) and the thread count that trained them
+class weights (`uniform`, or the weights as given), the training set's size and epochs
+(`data=20000x9`; shown where the config records them) and the thread count that trained them
 (`config.yaml`, the pretrain stage's marker), so one table can hold the BadNets and clean seeds, the
 one-thread repeats, both schedules and both worlds. Where a group of an attack and the clean group
 (`attack=none`) of the same schedule, world and threads share seeds, the summary also gives the
-attack's cost in clean accuracy paired by seed (attack minus clean, same world and initialisation).
+attack's cost in clean accuracy paired by seed (attack minus clean, same world and initialisation;
+same training-set size and epochs too).
 Writes `<out>/runs.csv` (one row per run) and `<out>/summary.md`.
 """
 
@@ -46,6 +48,13 @@ def _world(cfg: dict) -> str:
     return ",".join(f"{float(x):g}" for x in w)
 
 
+def _data(cfg: dict) -> str:
+    """Training-set size x epochs (`20000x9`), or "" where the config does not say (hand-made rows)."""
+    n = ((cfg.get("dataset") or {}).get("synthetic") or {}).get("num_train")
+    epochs = (cfg.get("train") or {}).get("epochs")
+    return f"{n}x{epochs}" if n and epochs else ""
+
+
 def run_row(run: Path) -> dict:
     metrics = json.loads((run / "metrics.json").read_text())
     cfg = yaml.safe_load((run / "config.yaml").read_text())
@@ -55,7 +64,7 @@ def run_row(run: Path) -> dict:
     marker = run / "stages" / "pretrain.json"
     trained_on = (json.loads(marker.read_text()).get("machine") or {}) if marker.exists() else {}
     row = {"run": str(run), "attack": _attack(cfg), "schedule": (cfg.get("train") or {}).get("schedule", "cosine"),
-           "world": _world(cfg), "seed": cfg.get("seed"),
+           "world": _world(cfg), "data": _data(cfg), "seed": cfg.get("seed"),
            "data_seed": ((cfg.get("dataset") or {}).get("synthetic") or {}).get("seed"),
            "threads": trained_on.get("threads", ""), "cpu": trained_on.get("cpu", "")}
     for m in METRICS:
@@ -66,11 +75,11 @@ def run_row(run: Path) -> dict:
 def summary(rows: list[dict]) -> list[str]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["attack"], r["schedule"], r["world"], r["threads"]), []).append(r)
+        groups.setdefault((r["attack"], r["schedule"], r["world"], r["data"], r["threads"]), []).append(r)
     lines = []
-    for (attack, schedule, world, threads), rs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+    for (attack, schedule, world, data, threads), rs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
         seeds = sorted(r["seed"] for r in rs)
-        lines += [f"### attack={attack}, schedule={schedule}, world={world}, threads={threads or '?'}: {len(rs)} runs "
+        lines += [f"### attack={attack}, schedule={schedule}, world={world}{_data_tag(data)}, threads={threads or '?'}: {len(rs)} runs "
                   f"(seeds {seeds})", "", *TABLE_HEAD]
         for m in METRICS:
             vals = [(r["seed"], r[m]) for r in rs if r[m] is not None]
@@ -85,12 +94,17 @@ def summary(rows: list[dict]) -> list[str]:
     return lines + paired_cost(groups)
 
 
+def _data_tag(data: str) -> str:
+    return f", data={data}" if data else ""
+
+
 def paired_cost(groups: dict[tuple, list[dict]]) -> list[str]:
     """An attack's cost in clean accuracy, seed by seed against the clean run of the same schedule,
-    world and thread count (each seed: the same world and initialisation, poisoned or not)."""
+    world, training-set size and epochs, and thread count (each seed: the same world and
+    initialisation, poisoned or not)."""
     lines = []
-    for (attack, schedule, world, threads), rs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        clean = {r["seed"]: r["eval/clean_acc"] for r in groups.get(("none", schedule, world, threads), [])
+    for (attack, schedule, world, data, threads), rs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        clean = {r["seed"]: r["eval/clean_acc"] for r in groups.get(("none", schedule, world, data, threads), [])
                  if r["eval/clean_acc"] is not None}
         pairs = sorted((r["seed"], r["eval/clean_acc"] - clean[r["seed"]]) for r in rs
                        if attack != "none" and r["seed"] in clean and r["eval/clean_acc"] is not None)
@@ -98,7 +112,7 @@ def paired_cost(groups: dict[tuple, list[dict]]) -> list[str]:
             continue
         d = np.array([x for _, x in pairs])
         lines += [f"### cost of attack={attack} in clean accuracy, paired by seed (schedule={schedule}, "
-                  f"world={world}, threads={threads or '?'}): {len(pairs)} seeds", "", *TABLE_HEAD,
+                  f"world={world}{_data_tag(data)}, threads={threads or '?'}): {len(pairs)} seeds", "", *TABLE_HEAD,
                   f"| clean_acc − clean_acc(none) | {d.mean():+.3f} | {d.min():+.3f} | {d.max():+.3f} | "
                   f"{d.max() - d.min():.3f} | " + ", ".join(f"{s}: {x:+.3f}" for s, x in pairs) + " |", ""]
     return lines
