@@ -40,8 +40,12 @@ def _attack(cfg: dict) -> str:
     return str(node.get("_target_", "none")).rsplit(".", 1)[-1].lower() if node else "none"
 
 
+def _synthetic(cfg: dict) -> dict:
+    return (cfg.get("dataset") or {}).get("synthetic") or {}
+
+
 def _world(cfg: dict) -> str:
-    world = (((cfg.get("dataset") or {}).get("synthetic") or {}).get("world") or {})
+    world = _synthetic(cfg).get("world") or {}
     w = world.get("class_weights")
     if not w or len(set(map(float, w))) == 1:
         return "uniform"
@@ -50,7 +54,7 @@ def _world(cfg: dict) -> str:
 
 def _data(cfg: dict) -> str:
     """Training-set size x epochs (`20000x9`), or "" where the config does not say (hand-made rows)."""
-    n = ((cfg.get("dataset") or {}).get("synthetic") or {}).get("num_train")
+    n = _synthetic(cfg).get("num_train")
     epochs = (cfg.get("train") or {}).get("epochs")
     return f"{n}x{epochs}" if n and epochs else ""
 
@@ -65,7 +69,7 @@ def run_row(run: Path) -> dict:
     trained_on = (json.loads(marker.read_text()).get("machine") or {}) if marker.exists() else {}
     row = {"run": str(run), "attack": _attack(cfg), "schedule": (cfg.get("train") or {}).get("schedule", "cosine"),
            "world": _world(cfg), "data": _data(cfg), "seed": cfg.get("seed"),
-           "data_seed": ((cfg.get("dataset") or {}).get("synthetic") or {}).get("seed"),
+           "data_seed": _synthetic(cfg).get("seed"),
            "threads": trained_on.get("threads", ""), "cpu": trained_on.get("cpu", "")}
     for m in METRICS:
         row[m] = metrics.get(m, timing.get(m))
@@ -79,7 +83,7 @@ def summary(rows: list[dict]) -> list[str]:
     lines = []
     for (attack, schedule, world, data, threads), rs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
         seeds = sorted(r["seed"] for r in rs)
-        lines += [f"### attack={attack}, schedule={schedule}, world={world}{_data_tag(data)}, threads={threads or '?'}: {len(rs)} runs "
+        lines += [f"### attack={attack}, {_recipe(schedule, world, data, threads)}: {len(rs)} runs "
                   f"(seeds {seeds})", "", *TABLE_HEAD]
         for m in METRICS:
             vals = [(r["seed"], r[m]) for r in rs if r[m] is not None]
@@ -94,8 +98,9 @@ def summary(rows: list[dict]) -> list[str]:
     return lines + paired_cost(groups)
 
 
-def _data_tag(data: str) -> str:
-    return f", data={data}" if data else ""
+def _recipe(schedule: str, world: str, data: str, threads) -> str:
+    """The group's label past the attack: `schedule=wsd, world=uniform[, data=20000x9], threads=2`."""
+    return f"schedule={schedule}, world={world}" + (f", data={data}" if data else "") + f", threads={threads or '?'}"
 
 
 def paired_cost(groups: dict[tuple, list[dict]]) -> list[str]:
@@ -111,8 +116,8 @@ def paired_cost(groups: dict[tuple, list[dict]]) -> list[str]:
         if not pairs:
             continue
         d = np.array([x for _, x in pairs])
-        lines += [f"### cost of attack={attack} in clean accuracy, paired by seed (schedule={schedule}, "
-                  f"world={world}{_data_tag(data)}, threads={threads or '?'}): {len(pairs)} seeds", "", *TABLE_HEAD,
+        lines += [f"### cost of attack={attack} in clean accuracy, paired by seed "
+                  f"({_recipe(schedule, world, data, threads)}): {len(pairs)} seeds", "", *TABLE_HEAD,
                   f"| clean_acc − clean_acc(none) | {d.mean():+.3f} | {d.min():+.3f} | {d.max():+.3f} | "
                   f"{d.max() - d.min():.3f} | " + ", ".join(f"{s}: {x:+.3f}" for s, x in pairs) + " |", ""]
     return lines
