@@ -130,6 +130,49 @@ def test_lr_schedules_cosine_and_wsd():
     assert all(a >= b for a, b in zip(wsd[10:], wsd[11:]))
 
 
+def test_weight_ema_averages_with_warm_up_and_round_trips():
+    import torch
+
+    from clipbd.models.train import WeightEMA
+
+    model = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+        model.bias.fill_(0.0)
+    ema = WeightEMA(model, 0.5)
+    values = [1.0, 2.0, 3.0, 4.0]
+    expected = 0.0
+    for t, v in enumerate(values):
+        with torch.no_grad():
+            model.weight.fill_(v)
+        ema.update(model)
+        d = min(0.5, (1 + t) / (10 + t))  # step 0 keeps 1/10 of the old average, later steps decay 0.5
+        expected = d * expected + (1 - d) * v
+        assert torch.allclose(ema.shadow["weight"], torch.full((2, 3), expected)), t
+    assert ema.shadow["bias"].abs().max() == 0  # an unchanged weight stays where it was
+    assert model.weight[0, 0].item() == 4.0  # the model itself is never touched
+    other = WeightEMA(torch.nn.Linear(3, 2), 0.5)
+    other.load_state_dict(ema.state_dict())
+    assert other.steps == 4 and torch.equal(other.shadow["weight"], ema.shadow["weight"])
+    with pytest.raises(ConfigError, match=r"train.ema_decay=1.0: must be in \(0, 1\)"):
+        WeightEMA(model, 1.0)
+
+
+def test_ema_setting_is_checked_and_keyed_only_when_set(tiny_cfg):
+    from clipbd import checks, runstate
+
+    plain = runstate.stage_key(tiny_cfg, "pretrain")
+    OmegaConf.update(tiny_cfg, "train.ema_decay", None)  # null: earlier runs keep their key
+    assert runstate.stage_key(tiny_cfg, "pretrain") == plain
+    OmegaConf.update(tiny_cfg, "train.ema_decay", 0.999)
+    averaged = runstate.stage_key(tiny_cfg, "pretrain")
+    OmegaConf.update(tiny_cfg, "train.ema_decay", 0.99)
+    assert len({plain, averaged, runstate.stage_key(tiny_cfg, "pretrain")}) == 3
+    OmegaConf.update(tiny_cfg, "train.ema_decay", 1.5)
+    with pytest.raises(ConfigError, match=r"train.ema_decay=1.5: .* must be in \(0, 1\)"):
+        checks.check_values(tiny_cfg)
+
+
 def test_schedule_settings_are_checked_and_keyed(tiny_cfg):
     from clipbd import checks, runstate
 

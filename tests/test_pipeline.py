@@ -111,6 +111,33 @@ def test_resumed_pretraining_continues_and_counts_earlier_seconds(tmp_path):
     assert not list((run_dir / "stages").glob(".*"))  # no stray files beside the markers
 
 
+def test_weight_average_resumes_and_is_the_model_later_stages_use(tmp_path):
+    import torch
+
+    from clipbd.models import factory
+
+    run_dir = tmp_path / "ema"
+    args = ["+experiment=smoke", f"hydra.run.dir={run_dir}", "stages=[data,poison,pretrain]", "train.epochs=2",
+            "train.checkpoint_every=1", "train.ema_decay=0.9"]
+    run_cli(*args)
+    ckpt = run_dir / "checkpoints"
+    full = torch.load(ckpt / "epoch_2.pt", map_location="cpu", weights_only=True)
+    assert full["ema"]["decay"] == 0.9 and full["ema"]["steps"] > 0
+    name = "visual.conv1.weight"
+    assert not torch.equal(full["ema"]["weights"][name], full["model"][name])  # an average, not a copy
+    # what extract, evaluate and model.checkpoint=... load: the average
+    assert torch.equal(factory.read_checkpoint(ckpt / "latest.pt")["state_dict"][name], full["ema"]["weights"][name])
+    # killed during epoch 2: the average resumes from epoch 1's and ends where the uninterrupted one did
+    (run_dir / "stages" / "pretrain.json").unlink()
+    (ckpt / "epoch_2.pt").unlink()
+    shutil.copyfile(ckpt / "epoch_1.pt", ckpt / "latest.pt")
+    assert "resuming from" in run_cli(*args).stderr
+    resumed = torch.load(ckpt / "epoch_2.pt", map_location="cpu", weights_only=True)
+    assert resumed["ema"]["steps"] == full["ema"]["steps"]
+    for key, value in full["ema"]["weights"].items():
+        assert torch.allclose(resumed["ema"]["weights"][key], value, atol=1e-6), key
+
+
 def test_checkpoint_every_keeps_those_epochs_and_never_retrains(tmp_path):
     run_dir = tmp_path / "ckpt"
     run_cli("+experiment=smoke", f"hydra.run.dir={run_dir}", "stages=[data,poison,pretrain]", "train.epochs=3",

@@ -47,6 +47,10 @@ def check_values(cfg: DictConfig) -> None:
     if fraction is not None and not 0 < fraction <= 1:
         raise ConfigError(f"train.decay_fraction={fraction}: the share of the steps over which train.schedule=wsd "
                           "decays the learning rate to 0 must be in (0, 1]")
+    ema = _get(cfg, "train.ema_decay")
+    if ema is not None and not 0 < ema < 1:
+        raise ConfigError(f"train.ema_decay={ema}: the weight average's decay per step must be in (0, 1), "
+                          "e.g. 0.999 (an average over about 1,000 steps), or null for no average")
 
 
 def check_plugins(cfg: DictConfig) -> None:

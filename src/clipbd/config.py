@@ -149,6 +149,11 @@ class TrainConfig:
     # of the steps. wsd at its defaults is not keyed, so cosine runs keep their keys.
     schedule: str = "cosine"
     decay_fraction: float = 0.2
+    # Exponential moving average of the weights (Polyak averaging), updated after every optimiser
+    # step with decay min(ema_decay, (1 + step) / (10 + step)); when set, the averaged weights are
+    # the trained model every later stage uses (checkpoints keep the raw weights too, for resuming).
+    # Null: off, and not part of the stage key (earlier runs keep their keys).
+    ema_decay: Optional[float] = None
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6

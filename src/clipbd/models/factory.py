@@ -201,7 +201,8 @@ def _arch_diff(used: dict, configured: dict | None, prefix: str = "") -> str:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """{"state_dict", "name", "arch"} from a clipbd checkpoint (which names its architecture), an
+    """{"state_dict", "name", "arch"} from a clipbd checkpoint (which names its architecture; the
+    weight average when it was trained with `train.ema_decay`), an
     open_clip training checkpoint (`{"state_dict": ...}`, DDP `module.` prefixes), a bare state
     dict, or a .safetensors file — loaded with weights_only=True: no pickled code is executed."""
     path = Path(path)
@@ -223,6 +224,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
                           "(e.g. an earlier checkpoints/epoch_N.pt)") from None
     meta = {"name": obj.get("name") if isinstance(obj, dict) and "model" in obj else None,
             "arch": obj.get("arch") if isinstance(obj, dict) else None}
+    if isinstance(obj, dict) and isinstance(obj.get("ema"), dict) and isinstance(obj["ema"].get("weights"), dict):
+        obj = obj["ema"]["weights"]  # trained with train.ema_decay: the average is the trained model
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

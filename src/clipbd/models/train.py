@@ -66,6 +66,44 @@ def clamp_logit_scale(model: torch.nn.Module) -> None:
         model.logit_scale.clamp_(0, math.log(100))
 
 
+class WeightEMA:
+    """An exponential moving average of a model's parameters and floating-point buffers (Polyak
+    averaging). After optimiser step t (0-based) each average moves towards the weights with decay
+    min(decay, (1 + t) / (10 + t)): the early, near-random weights fade out within a few dozen steps
+    instead of biasing a short run's average (the TensorFlow / timm warm-up)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        if not 0 < decay < 1:
+            raise ConfigError(f"train.ema_decay={decay}: must be in (0, 1)")
+        self.decay = float(decay)
+        self.steps = 0
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        self.steps += 1
+        avg, cur = [], []
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                avg.append(self.shadow[k])
+                cur.append(v.detach())
+            else:  # integer buffers (none in open_clip's towers) follow the model
+                self.shadow[k].copy_(v)
+        torch._foreach_lerp_(avg, cur, 1.0 - d)
+
+    def state_dict(self) -> dict:
+        return {"weights": self.shadow, "steps": self.steps, "decay": self.decay}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = set(self.shadow) - set(state["weights"])
+        if missing:
+            raise ConfigError(f"weight average in the checkpoint lacks {len(missing)} tensors (e.g. {sorted(missing)[:2]})")
+        for k, v in state["weights"].items():
+            self.shadow[k].copy_(v)
+        self.steps = int(state["steps"])
+
+
 def train_clean(bundle, index, tc: DictConfig, epochs: int, seed: int) -> None:
     """Contrastive training of `bundle.model` on the clean shards of `index` (no plan): the
     attacker's surrogate. Same optimiser, schedule and loss as the pretrain stage, with its own

@@ -3,7 +3,8 @@
 AdamW (no weight decay on gains, biases and the logit scale, as OpenCLIP), linear warmup then cosine
 decay per step (clipbd.models.train), a checkpoint at the end of every epoch (`checkpoints/epoch_N.pt`, `latest.pt`), and
 resumption from `latest.pt` when the stage is re-run after an interruption (or requeued by SLURM).
-`train.init_checkpoint` starts from a trained model's weights instead of the seeded init: poisoned
+`train.ema_decay` keeps an exponential moving average of the weights, which later stages use as the
+trained model. `train.init_checkpoint` starts from a trained model's weights instead of the seeded init: poisoned
 fine-tuning of a clean model (He et al., ICML 2025's threat model) with a low lr and few epochs.
 
 Under DDP every rank reads the same shuffled sample stream and takes its slice of each global batch
@@ -32,7 +33,7 @@ from clipbd.detectors.abl import LossRecorder
 from clipbd.errors import ConfigError
 from clipbd.models import factory
 from clipbd.models.loss import clip_loss, clip_loss_per_sample
-from clipbd.models.train import clamp_logit_scale, lr_at, make_optimizer, set_lr
+from clipbd.models.train import WeightEMA, clamp_logit_scale, lr_at, make_optimizer, set_lr
 from clipbd.registry import build_attack
 from clipbd.runstate import note_earlier_seconds, stage_key
 from clipbd.utils import atomic_path, derive_seed, progress
@@ -40,7 +41,7 @@ from clipbd.utils import atomic_path, derive_seed, progress
 DEPENDS = ("model", "train", "seed")
 # which epoch files are kept and how far ahead batches are made do not change the model
 UNKEYED = ("train.checkpoint_every", "train.prefetch")
-UNKEYED_IF_NULL = ("train.init_checkpoint",)  # null (train from scratch): the key of earlier runs
+UNKEYED_IF_NULL = ("train.init_checkpoint", "train.ema_decay")  # null (from scratch, no average): earlier runs' keys
 # the exact reading mode is what every run before the option did: keyed only when it is not exact
 # the schedule options came later: at their defaults they keep earlier runs' keys
 UNKEYED_IF = {"train.reading": "exact", "train.schedule": "cosine", "train.decay_fraction": 0.2}
@@ -51,7 +52,7 @@ UPSTREAM_IF = {"filter": "filter.source_run"}
 log = logging.getLogger("clipbd")
 
 
-def _resume(ckpt_dir: Path, key: str, model, opt) -> tuple[int, float]:
+def _resume(ckpt_dir: Path, key: str, model, opt, ema: WeightEMA | None = None) -> tuple[int, float]:
     """Load `latest.pt` if it belongs to this config; returns the first epoch still to train and the
     seconds the earlier attempts spent reaching it."""
     latest = ckpt_dir / "latest.pt"
@@ -63,16 +64,22 @@ def _resume(ckpt_dir: Path, key: str, model, opt) -> tuple[int, float]:
                           f"hydra.run.dir, or delete {ckpt_dir} to start over")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
+    if ema is not None:  # the key includes train.ema_decay, so a checkpoint of this config holds the average
+        ema.load_state_dict(state["ema"])
     earlier = float(state.get("elapsed_s", 0.0))  # absent in checkpoints written before it was recorded
     log.info("resuming from %s (epoch %d done, %.0f s of pretraining before)", latest, state["epoch"], earlier)
     return int(state["epoch"]), earlier
 
 
-def _save(ckpt_dir: Path, epoch: int, key: str, bundle, opt, *, elapsed_s: float = 0.0, keep: bool = True) -> Path:
+def _save(ckpt_dir: Path, epoch: int, key: str, bundle, opt, *, elapsed_s: float = 0.0, keep: bool = True,
+          ema: WeightEMA | None = None) -> Path:
     """Write `epoch_N.pt` and copy it to `latest.pt` (both atomically); keep=False removes the epoch file.
-    elapsed_s: seconds the stage has spent so far over all attempts (a resumed run's marker counts them)."""
+    elapsed_s: seconds the stage has spent so far over all attempts (a resumed run's marker counts them).
+    With a weight average, the file holds it under `ema` beside the raw weights (`model`, for resuming);
+    `factory.read_checkpoint` gives the average as the trained model."""
+    extra = {"ema": ema.state_dict()} if ema is not None else {}
     path = factory.save_checkpoint(ckpt_dir / f"epoch_{epoch}.pt", bundle, optimizer=opt.state_dict(),
-                                   epoch=epoch, stage_key=key, elapsed_s=elapsed_s)
+                                   epoch=epoch, stage_key=key, elapsed_s=elapsed_s, **extra)
     with atomic_path(ckpt_dir / "latest.pt") as tmp:
         shutil.copyfile(path, tmp)
     if not keep:
@@ -131,8 +138,9 @@ def main(cfg: DictConfig) -> dict[str, Path]:
         raise ConfigError(f"train.batch_size={tc.batch_size} exceeds the {len(index)} training samples")
     total = steps_per_epoch * tc.epochs
     opt = make_optimizer(model, tc)
+    ema = WeightEMA(model, tc.ema_decay) if tc.ema_decay is not None else None
     ddp = model if info.world == 1 else torch.nn.parallel.DistributedDataParallel(model)
-    start, earlier_s = _resume(ckpt_dir, key, model, opt)
+    start, earlier_s = _resume(ckpt_dir, key, model, opt, ema)
     if start:
         note_earlier_seconds("pretrain", earlier_s)
     shard_ids = list(range(len(index.shards)))
@@ -168,6 +176,8 @@ def main(cfg: DictConfig) -> dict[str, Path]:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             opt.step()
             clamp_logit_scale(model)
+            if ema is not None:
+                ema.update(model)
             losses.append(loss.item() / info.world)  # the loss of the whole global batch (same on every rank)
             lrs.append(opt.param_groups[0]["lr"])
             per_sample.add(batch["index"], clip_loss_per_sample(out["image_features"].float(),
@@ -187,6 +197,6 @@ def main(cfg: DictConfig) -> dict[str, Path]:
             _append_losses(Path(cfg.run_dir) / "train_loss.csv", epoch, epoch * steps_per_epoch, losses, lrs)
             every = tc.checkpoint_every
             _save(ckpt_dir, epoch + 1, key, bundle, opt, elapsed_s=earlier_s + time.time() - stage_t0,
-                  keep=every > 0 and ((epoch + 1) % every == 0 or epoch + 1 == tc.epochs))
+                  keep=every > 0 and ((epoch + 1) % every == 0 or epoch + 1 == tc.epochs), ema=ema)
         dist.barrier()
     return {"checkpoint": ckpt_dir / "latest.pt"}
