@@ -68,8 +68,11 @@ def _run(tmp_path, name, attack, seed, threads, values, schedule=None, weights=(
     run.mkdir()
     cfg = {"seed": seed, "attack": {"_target_": f"clipbd.attacks.{attack}.BadNets"} if attack else None,
            "dataset": {"synthetic": {"seed": 1234 + seed, "world": {"class_weights": list(weights) if weights else None}}}}
-    if schedule:  # runs from before train.schedule have none: cosine
-        cfg["train"] = {"schedule": schedule}
+    if schedule:  # runs from before train.schedule have none: cosine; "wsd/0.4+ema0.999": decay and average
+        name, _, ema = schedule.partition("+ema")
+        name, _, frac = name.partition("/")
+        cfg["train"] = {"schedule": name, **({"decay_fraction": float(frac)} if frac else {}),
+                        **({"ema_decay": float(ema)} if ema else {})}
     if data:  # (num_train, epochs)
         cfg["dataset"]["synthetic"]["num_train"] = data[0]
         cfg.setdefault("train", {})["epochs"] = data[1]
@@ -94,6 +97,10 @@ def test_collector_reports_mean_min_max_per_attack_and_thread_count(tmp_path):
     # twice the training images for half the epochs: another recipe, grouped and paired apart
     _run(tmp_path, "d_bn0", "badnets", 0, 2, {"attack/asr": 1.0, "eval/clean_acc": 0.91}, "wsd", None, (20000, 9))
     _run(tmp_path, "d_clean0", None, 0, 2, {"eval/clean_acc": 0.87}, "wsd", None, (20000, 9))
+    # a longer decay and a weight average are other recipes: grouped and paired apart
+    _run(tmp_path, "e_bn0", "badnets", 0, 2, {"attack/asr": 1.0, "eval/clean_acc": 0.95}, "wsd/0.4+ema0.999", None)
+    _run(tmp_path, "e_clean0", None, 0, 2, {"eval/clean_acc": 0.93}, "wsd/0.4+ema0.999", None)
+    _run(tmp_path, "f_clean0", None, 0, 2, {"eval/clean_acc": 0.5}, "wsd/0.2")  # 0.2 is wsd's default: plain wsd
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(ROOT / "experiments/seeds/collect.py"), str(tmp_path),
                            "--out", str(out)], capture_output=True, text=True, check=True)
@@ -117,9 +124,13 @@ def test_collector_reports_mean_min_max_per_attack_and_thread_count(tmp_path):
     assert "1 runs (seeds [0])" in blocks["attack=none, schedule=wsd, world=uniform, data=20000x9, threads=2"]
     big = blocks["cost of attack=badnets in clean accuracy, paired by seed (schedule=wsd, world=uniform, data=20000x9, threads=2)"]
     assert "0: +0.040 |" in big
-    assert sum(b.startswith("cost of") for b in blocks) == 3
+    ema = blocks["cost of attack=badnets in clean accuracy, paired by seed (schedule=wsd/0.4+ema0.999, world=uniform, threads=2)"]
+    assert "0: +0.020 |" in ema
+    assert "| eval/clean_acc | 0.500 |" in blocks[f"attack=none, schedule=wsd, {rare}, threads=2"]
+    assert "0: +0.400 |" in blocks[f"cost of attack=badnets in clean accuracy, paired by seed (schedule=wsd, {rare}, threads=2)"]
+    assert sum(b.startswith("cost of") for b in blocks) == 5
     rows = (out / "runs.csv").read_text().splitlines()
-    assert len(rows) == 1 + 12
+    assert len(rows) == 1 + 15
 
 
 @pytest.mark.parametrize("experiment", [[], ["+experiment=natural"]])

@@ -6,7 +6,8 @@
     python experiments/seeds/collect.py multirun/seeds --out experiments/seeds
 
 Every directory under the given paths with a `metrics.json` is a run; runs are grouped by attack,
-learning-rate schedule (`train.schedule`; runs from before the option: cosine), the synthetic world's
+learning-rate schedule (`train.schedule`; runs from before the option: cosine; wsd's decay fraction
+where not 0.2, and `+emaD` for runs that kept a weight average), the synthetic world's
 class weights (`uniform`, or the weights as given), the training set's size and epochs
 (`data=20000x9`; shown where the config records them) and the thread count that trained them
 (`config.yaml`, the pretrain stage's marker), so one table can hold the BadNets and clean seeds, the
@@ -59,6 +60,18 @@ def _data(cfg: dict) -> str:
     return f"{n}x{epochs}" if n and epochs else ""
 
 
+def _schedule(cfg: dict) -> str:
+    """`train.schedule` (runs from before the option: cosine), with wsd's decay fraction where it is
+    not 0.2 (`wsd/0.4`) and the weight average where one was kept (`+ema0.999`)."""
+    train = cfg.get("train") or {}
+    name = train.get("schedule", "cosine")
+    if name == "wsd" and float(train.get("decay_fraction", 0.2)) != 0.2:
+        name += f"/{float(train['decay_fraction']):g}"
+    if train.get("ema_decay") is not None:
+        name += f"+ema{float(train['ema_decay']):g}"
+    return name
+
+
 def run_row(run: Path) -> dict:
     metrics = json.loads((run / "metrics.json").read_text())
     cfg = yaml.safe_load((run / "config.yaml").read_text())
@@ -67,7 +80,7 @@ def run_row(run: Path) -> dict:
     # e.g. a later re-scoring); runs trained before markers recorded it: unknown
     marker = run / "stages" / "pretrain.json"
     trained_on = (json.loads(marker.read_text()).get("machine") or {}) if marker.exists() else {}
-    row = {"run": str(run), "attack": _attack(cfg), "schedule": (cfg.get("train") or {}).get("schedule", "cosine"),
+    row = {"run": str(run), "attack": _attack(cfg), "schedule": _schedule(cfg),
            "world": _world(cfg), "data": _data(cfg), "seed": cfg.get("seed"),
            "data_seed": _synthetic(cfg).get("seed"),
            "threads": trained_on.get("threads", ""), "cpu": trained_on.get("cpu", "")}
