@@ -158,32 +158,38 @@ def test_weight_ema_averages_with_warm_up_and_round_trips():
         WeightEMA(model, 1.0)
 
 
+def _pretrain_keys(cfg, setting: str, values: list) -> list[str]:
+    """The pretrain stage's key with `setting` at each of `values` in turn (left at the last)."""
+    from clipbd import runstate
+
+    keys = []
+    for v in values:
+        OmegaConf.update(cfg, setting, v)
+        keys.append(runstate.stage_key(cfg, "pretrain"))
+    return keys
+
+
 def test_ema_setting_is_checked_and_keyed_only_when_set(tiny_cfg):
     from clipbd import checks, runstate
 
     plain = runstate.stage_key(tiny_cfg, "pretrain")
-    OmegaConf.update(tiny_cfg, "train.ema_decay", None)  # null: earlier runs keep their key
-    assert runstate.stage_key(tiny_cfg, "pretrain") == plain
-    OmegaConf.update(tiny_cfg, "train.ema_decay", 0.999)
-    averaged = runstate.stage_key(tiny_cfg, "pretrain")
-    OmegaConf.update(tiny_cfg, "train.ema_decay", 0.99)
-    assert len({plain, averaged, runstate.stage_key(tiny_cfg, "pretrain")}) == 3
+    null, averaged, faster = _pretrain_keys(tiny_cfg, "train.ema_decay", [None, 0.999, 0.99])
+    assert null == plain  # null: earlier runs keep their key
+    assert len({plain, averaged, faster}) == 3
     OmegaConf.update(tiny_cfg, "train.ema_decay", 1.5)
     with pytest.raises(ConfigError, match=r"train.ema_decay=1.5: .* must be in \(0, 1\)"):
         checks.check_values(tiny_cfg)
 
 
 def test_schedule_settings_are_checked_and_keyed(tiny_cfg):
-    from clipbd import checks, runstate
+    from clipbd import checks
 
-    OmegaConf.update(tiny_cfg, "train.schedule", "cosine")  # the embedded default is wsd
-    cosine = runstate.stage_key(tiny_cfg, "pretrain")
+    cosine, = _pretrain_keys(tiny_cfg, "train.schedule", ["cosine"])  # the embedded default is wsd
     OmegaConf.update(tiny_cfg, "train.decay_fraction", 0.2)  # its default: the cosine key stays
-    assert runstate.stage_key(tiny_cfg, "pretrain") == cosine
-    OmegaConf.update(tiny_cfg, "train.schedule", "wsd")
-    wsd = runstate.stage_key(tiny_cfg, "pretrain")
-    OmegaConf.update(tiny_cfg, "train.decay_fraction", 0.5)
-    assert len({cosine, wsd, runstate.stage_key(tiny_cfg, "pretrain")}) == 3
+    assert _pretrain_keys(tiny_cfg, "train.schedule", ["cosine"]) == [cosine]
+    wsd, = _pretrain_keys(tiny_cfg, "train.schedule", ["wsd"])
+    longer, = _pretrain_keys(tiny_cfg, "train.decay_fraction", [0.5])
+    assert len({cosine, wsd, longer}) == 3
     OmegaConf.update(tiny_cfg, "train.decay_fraction", 0.0)
     with pytest.raises(ConfigError, match=r"train.decay_fraction=0.0: .* must be in \(0, 1\]"):
         checks.check_values(tiny_cfg)
