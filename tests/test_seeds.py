@@ -47,6 +47,16 @@ def test_data20k_keeps_the_defaults_steps_with_twice_the_images():
     assert big.scoring.k == default.scoring.k and big.attack.poison_rate == default.attack.poison_rate
 
 
+def test_uniform_20k_is_the_uniform_world_with_a_third_more_steps():
+    default, uniform, cand = compose_cfg(), compose_cfg(["+experiment=uniform"]), compose_cfg(["+experiment=uniform_20k"])
+    steps = lambda c: c.dataset.synthetic.num_train // c.train.batch_size * c.train.epochs  # noqa: E731
+    assert steps(cand) == 312 * 12 == 3744 and steps(default) == 2808
+    assert list(cand.dataset.synthetic.world.class_weights) == list(uniform.dataset.synthetic.world.class_weights)
+    assert cand.scoring.k == uniform.scoring.k == 256
+    assert (cand.train.schedule, cand.train.decay_fraction, cand.train.ema_decay) == ("wsd", 0.2, None)
+    assert cand.attack.poison_rate == default.attack.poison_rate
+
+
 def test_detectors_take_the_scoring_regimes_k():
     default = compose_cfg()
     assert (default.scoring.batch_size, default.scoring.k) == (1024, 128)

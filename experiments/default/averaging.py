@@ -5,7 +5,8 @@ trajectory narrow the seed-to-seed spread?).
 For each run directory: the last epoch's raw weights, the run's own exponential moving average (when
 it was trained with `train.ema_decay`), and the uniform average of the raw weights of the last K
 epoch checkpoints (`checkpoints/epoch_N.pt`, K from --last), all evaluated by the evaluate stage's
-own zero-shot classifier on the run's held-out split.
+own zero-shot classifier on the run's held-out split; --curve adds every epoch checkpoint's raw
+weights (the learning curve).
 
     python experiments/default/averaging.py /work/runs/ud_clean_s1 /work/runs/ud_clean_s3 --last 2 3 \\
         --out experiments/default/averaging.csv
@@ -38,13 +39,14 @@ def _load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def variants(run: Path, last: list[int]) -> dict[str, dict[str, torch.Tensor]]:
+def variants(run: Path, last: list[int], curve: bool = False) -> dict[str, dict[str, torch.Tensor]]:
     """{label: state dict} of the weights to compare for one run."""
     epochs = _epochs(run)
     if not epochs:
         raise SystemExit(f"{run}: no checkpoints/epoch_N.pt (train with train.checkpoint_every=1)")
     final = _load(epochs[-1])
-    out = {"raw": final["model"]}
+    out = {f"raw {p.stem}": _load(p)["model"] for p in epochs[:-1]} if curve else {}
+    out["raw"] = final["model"]
     if isinstance(final.get("ema"), dict):
         out[f"ema {final['ema']['decay']}"] = final["ema"]["weights"]
     for k in last:
@@ -62,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path, help="finished run directories (config.yaml, checkpoints/, data/)")
     ap.add_argument("--last", nargs="*", type=int, default=[2, 3], help="average the last K epoch checkpoints")
+    ap.add_argument("--curve", action="store_true", help="every epoch checkpoint's raw weights too")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, help="write the results as CSV here")
     args = ap.parse_args(argv)
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     for run in args.runs:
         cfg = OmegaConf.load(run / "config.yaml")
         bundle = factory.create_trained(cfg, "cpu")
-        for label, sd in variants(run, args.last).items():
+        for label, sd in variants(run, args.last, args.curve).items():
             bundle.model.load_state_dict(sd)
             acc = evaluate_model(cfg, bundle, None, "cpu")["eval/clean_acc"]  # clean accuracy only
             rows.append({"run": run.name, "seed": cfg.seed, "weights": label, "clean_acc": round(acc, 4)})
