@@ -3,6 +3,7 @@ the scoring regime's k, and the spread collector."""
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -163,3 +164,24 @@ def test_every_caption_of_the_embedded_world_fits_the_tiny_text_tower(experiment
     tok = SimpleTokenizer()
     longest = max(len(tok.encode(c)) + 2 for c in captions)  # + start and end of text
     assert longest <= cfg.model.arch.text_cfg.context_length, longest
+
+
+@pytest.mark.slow
+def test_averaging_probe_evaluates_each_weight_set_and_plots_the_curve(tmp_path):
+    from conftest import run_cli
+
+    run = tmp_path / "ema"
+    run_cli("+experiment=smoke", f"hydra.run.dir={run}", "train.epochs=3", "train.ema_decay=0.9",
+            "stages=[data,poison,pretrain,evaluate]")
+    out = tmp_path / "avg.csv"
+    subprocess.run([sys.executable, str(ROOT / "experiments/default/averaging.py"), str(run), "--curve",
+                    "--last", "2", "5", "--out", str(out)], capture_output=True, text=True, check=True)
+    rows = {r["weights"]: float(r["clean_acc"]) for r in csv.DictReader(out.open())}
+    assert list(rows) == ["raw epoch_1", "raw epoch_2", "raw", "ema 0.9", "mean of last 2 epochs"]  # only 3 epochs: no last 5
+    assert all(0.0 <= v <= 1.0 for v in rows.values())
+    # the evaluate stage read the average: the probe's EMA row is the run's own metric
+    assert rows["ema 0.9"] == round(json.loads((run / "metrics.json").read_text())["eval/clean_acc"], 4)
+    png = tmp_path / "curves.png"
+    subprocess.run([sys.executable, str(ROOT / "experiments/default/plot_curves.py"), str(out), "--out", str(png)],
+                   capture_output=True, text=True, check=True)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
