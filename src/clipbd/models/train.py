@@ -78,19 +78,21 @@ class WeightEMA:
         self.decay = float(decay)
         self.steps = 0
         self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        # state_dict's tensors share storage with the model's (updated in place by the optimiser and by
+        # resuming), so the pairs are made once, not every step
+        live = model.state_dict()
+        floating = [k for k, v in live.items() if v.dtype.is_floating_point]
+        self._avg, self._cur = [self.shadow[k] for k in floating], [live[k] for k in floating]
+        self._other = [(self.shadow[k], v) for k, v in live.items() if not v.dtype.is_floating_point]
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        """One step of the average towards `model` (the model it was made from)."""
         d = min(self.decay, (1 + self.steps) / (10 + self.steps))
         self.steps += 1
-        avg, cur = [], []
-        for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point:
-                avg.append(self.shadow[k])
-                cur.append(v.detach())
-            else:  # integer buffers (none in open_clip's towers) follow the model
-                self.shadow[k].copy_(v)
-        torch._foreach_lerp_(avg, cur, 1.0 - d)
+        torch._foreach_lerp_(self._avg, self._cur, 1.0 - d)
+        for avg, cur in self._other:  # integer buffers (none in open_clip's towers) follow the model
+            avg.copy_(cur)
 
     def state_dict(self) -> dict:
         return {"weights": self.shadow, "steps": self.steps, "decay": self.decay}
