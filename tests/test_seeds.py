@@ -74,7 +74,8 @@ def test_detectors_take_the_scoring_regimes_k():
     assert one.detector.dao.k == 32 and one.detector.slof.k == 128
 
 
-def _run(tmp_path, name, attack, seed, threads, values, schedule=None, weights=(1,) * 7 + (0.08,), data=None):
+def _run(tmp_path, name, attack, seed, threads, values, schedule=None, weights=(1,) * 7 + (0.08,), data=None,
+         patch=None):
     run = tmp_path / name
     run.mkdir()
     cfg = {"seed": seed, "attack": {"_target_": f"clipbd.attacks.{attack}.BadNets"} if attack else None,
@@ -87,6 +88,8 @@ def _run(tmp_path, name, attack, seed, threads, values, schedule=None, weights=(
     if data:  # (num_train, epochs)
         cfg["dataset"]["synthetic"]["num_train"] = data[0]
         cfg.setdefault("train", {})["epochs"] = data[1]
+    if patch:  # the tiny ViT's patch size (4 px: the model of the runs before the label)
+        cfg["model"] = {"name": "clipbd-tiny-vit", "arch": {"vision_cfg": {"patch_size": patch}}}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     # meta.json says what ran last (here a 1-thread re-scoring); the pretrain marker, what trained it
     (run / "meta.json").write_text(json.dumps({"threads": 1, "cpu": "test cpu"}))
@@ -112,6 +115,10 @@ def test_collector_reports_mean_min_max_per_attack_and_thread_count(tmp_path):
     _run(tmp_path, "e_bn0", "badnets", 0, 2, {"attack/asr": 1.0, "eval/clean_acc": 0.95}, "wsd/0.4+ema0.999", None)
     _run(tmp_path, "e_clean0", None, 0, 2, {"eval/clean_acc": 0.93}, "wsd/0.4+ema0.999", None)
     _run(tmp_path, "f_clean0", None, 0, 2, {"eval/clean_acc": 0.5}, "wsd/0.2")  # 0.2 is wsd's default: plain wsd
+    # another patch size is another model: grouped and paired apart; 4 px is the unlabelled model
+    _run(tmp_path, "p_bn0", "badnets", 0, 2, {"attack/asr": 1.0, "eval/clean_acc": 0.77}, "wsd", None, (20000, 9), 8)
+    _run(tmp_path, "p_clean0", None, 0, 2, {"eval/clean_acc": 0.80}, "wsd", None, (20000, 9), 8)
+    _run(tmp_path, "p4_clean1", None, 1, 2, {"eval/clean_acc": 0.70}, "wsd", None, (20000, 9), 4)
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(ROOT / "experiments/seeds/collect.py"), str(tmp_path),
                            "--out", str(out)], capture_output=True, text=True, check=True)
@@ -132,16 +139,18 @@ def test_collector_reports_mean_min_max_per_attack_and_thread_count(tmp_path):
     assert "| clean_acc − clean_acc(none) | +0.015 | -0.020 | +0.050 | 0.070 | 0: +0.050, 1: -0.020 |" in cost
     # the cosine seed-0 pair (0.80 against 0.60), and no pair across schedules, worlds or threads
     assert "0: +0.200 |" in blocks[f"cost of attack=badnets in clean accuracy, paired by seed (schedule=cosine, {rare}, threads=2)"]
-    assert "1 runs (seeds [0])" in blocks["attack=none, schedule=wsd, world=uniform, data=20000x9, threads=2"]
     big = blocks["cost of attack=badnets in clean accuracy, paired by seed (schedule=wsd, world=uniform, data=20000x9, threads=2)"]
     assert "0: +0.040 |" in big
+    assert "2 runs (seeds [0, 1])" in blocks["attack=none, schedule=wsd, world=uniform, data=20000x9, threads=2"]
+    patch8 = blocks["cost of attack=badnets in clean accuracy, paired by seed (schedule=wsd, world=uniform, data=20000x9, model=patch8, threads=2)"]
+    assert "0: -0.030 |" in patch8
     ema = blocks["cost of attack=badnets in clean accuracy, paired by seed (schedule=wsd/0.4+ema0.999, world=uniform, threads=2)"]
     assert "0: +0.020 |" in ema
     assert "| eval/clean_acc | 0.500 |" in blocks[f"attack=none, schedule=wsd, {rare}, threads=2"]
     assert "0: +0.400 |" in blocks[f"cost of attack=badnets in clean accuracy, paired by seed (schedule=wsd, {rare}, threads=2)"]
-    assert sum(b.startswith("cost of") for b in blocks) == 5
+    assert sum(b.startswith("cost of") for b in blocks) == 6
     rows = (out / "runs.csv").read_text().splitlines()
-    assert len(rows) == 1 + 15
+    assert len(rows) == 1 + 18 and rows[0].split(",")[5] == "model"
 
 
 @pytest.mark.parametrize("experiment", [[], ["+experiment=natural"]])

@@ -9,7 +9,8 @@ Every directory under the given paths with a `metrics.json` is a run; runs are g
 learning-rate schedule (`train.schedule`; runs from before the option: cosine; wsd's decay fraction
 where not 0.2, and `+emaD` for runs that kept a weight average), the synthetic world's
 class weights (`uniform`, or the weights as given), the training set's size and epochs
-(`data=20000x9`; shown where the config records them) and the thread count that trained them
+(`data=20000x9`; shown where the config records them), the tiny ViT's patch size where it is not the
+4 px of the runs before session 17 (`model=patch8`) and the thread count that trained them
 (`config.yaml`, the pretrain stage's marker), so one table can hold the BadNets and clean seeds, the
 one-thread repeats, both schedules and both worlds. Where a group of an attack and the clean group
 (`attack=none`) of the same schedule, world and threads share seeds, the summary also gives the
@@ -60,6 +61,14 @@ def _data(cfg: dict) -> str:
     return f"{n}x{epochs}" if n and epochs else ""
 
 
+def _model(cfg: dict) -> str:
+    """`patch8` for a tiny ViT of another patch size than 4 px (the default's before session 17), ""
+    otherwise: runs recorded before the label keep their groups."""
+    vision = (((cfg.get("model") or {}).get("arch") or {}).get("vision_cfg")) or {}
+    patch = vision.get("patch_size")
+    return f"patch{patch}" if patch not in (None, 4) else ""
+
+
 def _schedule(cfg: dict) -> str:
     """`train.schedule` (runs from before the option: cosine), with wsd's decay fraction where it is
     not 0.2 (`wsd/0.4`) and the weight average where one was kept (`+ema0.999`)."""
@@ -81,7 +90,7 @@ def run_row(run: Path) -> dict:
     marker = run / "stages" / "pretrain.json"
     trained_on = (json.loads(marker.read_text()).get("machine") or {}) if marker.exists() else {}
     row = {"run": str(run), "attack": _attack(cfg), "schedule": _schedule(cfg),
-           "world": _world(cfg), "data": _data(cfg), "seed": cfg.get("seed"),
+           "world": _world(cfg), "data": _data(cfg), "model": _model(cfg), "seed": cfg.get("seed"),
            "data_seed": _synthetic(cfg).get("seed"),
            "threads": trained_on.get("threads", ""), "cpu": trained_on.get("cpu", "")}
     for m in METRICS:
@@ -92,11 +101,11 @@ def run_row(run: Path) -> dict:
 def summary(rows: list[dict]) -> list[str]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["attack"], r["schedule"], r["world"], r["data"], r["threads"]), []).append(r)
+        groups.setdefault((r["attack"], r["schedule"], r["world"], r["data"], r["model"], r["threads"]), []).append(r)
     lines = []
-    for (attack, schedule, world, data, threads), rs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+    for (attack, *recipe), rs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
         seeds = sorted(r["seed"] for r in rs)
-        lines += [f"### attack={attack}, {_recipe(schedule, world, data, threads)}: {len(rs)} runs "
+        lines += [f"### attack={attack}, {_recipe(*recipe)}: {len(rs)} runs "
                   f"(seeds {seeds})", "", *TABLE_HEAD]
         for m in METRICS:
             vals = [(r["seed"], r[m]) for r in rs if r[m] is not None]
@@ -111,18 +120,19 @@ def summary(rows: list[dict]) -> list[str]:
     return lines + paired_cost(groups)
 
 
-def _recipe(schedule: str, world: str, data: str, threads) -> str:
-    """The group's label past the attack: `schedule=wsd, world=uniform[, data=20000x9], threads=2`."""
-    return f"schedule={schedule}, world={world}" + (f", data={data}" if data else "") + f", threads={threads or '?'}"
+def _recipe(schedule: str, world: str, data: str, model: str, threads) -> str:
+    """The group's label past the attack: `schedule=wsd, world=uniform[, data=20000x9][, model=patch8], threads=2`."""
+    return (f"schedule={schedule}, world={world}" + (f", data={data}" if data else "")
+            + (f", model={model}" if model else "") + f", threads={threads or '?'}")
 
 
 def paired_cost(groups: dict[tuple, list[dict]]) -> list[str]:
     """An attack's cost in clean accuracy, seed by seed against the clean run of the same schedule,
-    world, training-set size and epochs, and thread count (each seed: the same world and
+    world, training-set size and epochs, model and thread count (each seed: the same world and
     initialisation, poisoned or not)."""
     lines = []
-    for (attack, schedule, world, data, threads), rs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        clean = {r["seed"]: r["eval/clean_acc"] for r in groups.get(("none", schedule, world, data, threads), [])
+    for (attack, *recipe), rs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        clean = {r["seed"]: r["eval/clean_acc"] for r in groups.get(("none", *recipe), [])
                  if r["eval/clean_acc"] is not None}
         pairs = sorted((r["seed"], r["eval/clean_acc"] - clean[r["seed"]]) for r in rs
                        if attack != "none" and r["seed"] in clean and r["eval/clean_acc"] is not None)
@@ -130,7 +140,7 @@ def paired_cost(groups: dict[tuple, list[dict]]) -> list[str]:
             continue
         d = np.array([x for _, x in pairs])
         lines += [f"### cost of attack={attack} in clean accuracy, paired by seed "
-                  f"({_recipe(schedule, world, data, threads)}): {len(pairs)} seeds", "", *TABLE_HEAD,
+                  f"({_recipe(*recipe)}): {len(pairs)} seeds", "", *TABLE_HEAD,
                   f"| clean_acc − clean_acc(none) | {d.mean():+.3f} | {d.min():+.3f} | {d.max():+.3f} | "
                   f"{d.max() - d.min():.3f} | " + ", ".join(f"{s}: {x:+.3f}" for s, x in pairs) + " |", ""]
     return lines

@@ -33,11 +33,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(model: torch.nn.Module, tc: DictConfig) -> torch.optim.AdamW:
-    """AdamW over `param_groups` with the `train` config's lr, betas and eps. foreach: one multi-tensor
-    update per group instead of a loop over parameters (torch's default on CUDA; on CPU it gives the
-    same parameters bit for bit, about 10% faster a step on the tiny model)."""
-    return torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps,
-                             foreach=True)
+    """AdamW over `param_groups` with the `train` config's lr, betas and eps, as torch's fused kernel:
+    one pass over each parameter instead of foreach's several multi-tensor ops. On the tiny model's
+    2-core CPU step the update falls from 23 to 4 ms (its 49,408 x 128 token table is 90% of the
+    parameters and is updated every step); the arithmetic is AdamW's, rounded differently (parameters
+    agree with foreach to ~1e-3 after 30 steps, the training's own chaos). Devices without a fused
+    kernel get foreach."""
+    groups = param_groups(model, tc.weight_decay)
+    kind = next(model.parameters()).device.type
+    fast = {"fused": True} if kind in ("cpu", "cuda", "mps", "xpu") else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps, **fast)
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int, schedule: str = "cosine",
