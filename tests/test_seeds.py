@@ -39,39 +39,71 @@ def test_the_tiny_default_decays_late_and_the_cc3m_recipe_stays_cosine():
     assert compose_cfg(["+experiment=cc3m_badnet_dao"]).train.schedule == "cosine"
 
 
-def test_data20k_keeps_the_defaults_steps_with_twice_the_images():
-    default, big = compose_cfg(), compose_cfg(["+experiment=data20k"])
-    steps = lambda c: c.dataset.synthetic.num_train // c.train.batch_size * c.train.epochs  # noqa: E731
-    assert big.dataset.synthetic.num_train == 2 * default.dataset.synthetic.num_train
-    assert steps(big) == steps(default) == 2808  # 312 x 9 = 156 x 18 (the last partial batch is dropped)
-    assert (big.train.warmup_steps, big.train.schedule, big.train.lr) == (default.train.warmup_steps, "wsd", default.train.lr)
-    assert big.scoring.k == default.scoring.k and big.attack.poison_rate == default.attack.poison_rate
+STEPS = lambda c: c.dataset.synthetic.num_train // c.train.batch_size * c.train.epochs  # noqa: E731
+SESSION16 = {"num_train": 10000, "class_weights": [1.0] * 7 + [0.08], "patch_size": 4, "epochs": 18, "k": 128}
+
+
+def _settings(cfg) -> dict:
+    return {"num_train": cfg.dataset.synthetic.num_train, "class_weights": [float(w) for w in cfg.dataset.synthetic.world.class_weights],
+            "patch_size": cfg.model.arch.vision_cfg.patch_size, "epochs": cfg.train.epochs, "k": cfg.scoring.k}
+
+
+def test_the_default_is_the_uniform_world_of_20k_images_with_8px_patches():
+    # session 17 (issue 18): the clean reference holds still on this world, in the time of the old default
+    default = compose_cfg()
+    assert _settings(default) == {"num_train": 20000, "class_weights": [1.0] * 8, "patch_size": 8, "epochs": 18, "k": 256}
+    assert STEPS(default) == 312 * 18 == 5616
+    assert (default.train.schedule, default.train.decay_fraction, default.train.ema_decay) == ("wsd", 0.2, None)
+    assert default.attack.poison_rate == 0.05 and default.attack.patch_size == 8
+    assert compose_cfg(["+experiment=seeds"]).scoring.k == 256
+
+
+@pytest.mark.parametrize("experiment", ["natural", "smoke", "data20k", "uniform", "uniform_20k", "encoder_badencoder",
+                                        "encoder_text_target", "attacks/blend", "attacks/badnets", "attacks/multi"])
+def test_experiments_recorded_on_the_session16_default_pin_it(experiment):
+    # their recorded results (experiments/*/README.md) were measured on it; their own keys still win
+    cfg = compose_cfg([f"+experiment={experiment}"])
+    own = yaml.safe_load((CONF / "experiment" / f"{experiment}.yaml").read_text())
+    expected = dict(SESSION16)
+    expected["num_train"] = (own.get("dataset") or {}).get("synthetic", {}).get("num_train", expected["num_train"])
+    expected["epochs"] = (own.get("train") or {}).get("epochs", expected["epochs"])
+    expected["k"] = (own.get("scoring") or {}).get("k", expected["k"])
+    weights = ((own.get("dataset") or {}).get("synthetic", {}).get("world") or {}).get("class_weights", expected["class_weights"])
+    expected["class_weights"] = [float(w) for w in weights]
+    assert _settings(cfg) == expected
+    assert _settings(compose_cfg(["+preset=session16"])) == SESSION16
+
+
+def test_data20k_keeps_session16s_steps_with_twice_the_images():
+    old, big = compose_cfg(["+preset=session16"]), compose_cfg(["+experiment=data20k"])
+    assert big.dataset.synthetic.num_train == 2 * old.dataset.synthetic.num_train
+    assert STEPS(big) == STEPS(old) == 2808  # 312 x 9 = 156 x 18 (the last partial batch is dropped)
+    assert (big.train.warmup_steps, big.train.schedule, big.train.lr) == (old.train.warmup_steps, "wsd", old.train.lr)
+    assert big.scoring.k == old.scoring.k and big.attack.poison_rate == old.attack.poison_rate
 
 
 def test_uniform_20k_is_the_uniform_world_with_a_third_more_steps():
-    default, uniform, cand = compose_cfg(), compose_cfg(["+experiment=uniform"]), compose_cfg(["+experiment=uniform_20k"])
-    steps = lambda c: c.dataset.synthetic.num_train // c.train.batch_size * c.train.epochs  # noqa: E731
-    assert steps(cand) == 312 * 12 == 3744 and steps(default) == 2808
+    old, uniform, cand = compose_cfg(["+preset=session16"]), compose_cfg(["+experiment=uniform"]), compose_cfg(["+experiment=uniform_20k"])
+    assert STEPS(cand) == 312 * 12 == 3744 and STEPS(old) == 2808
     assert list(cand.dataset.synthetic.world.class_weights) == list(uniform.dataset.synthetic.world.class_weights)
     assert cand.scoring.k == uniform.scoring.k == 256
     assert (cand.train.schedule, cand.train.decay_fraction, cand.train.ema_decay) == ("wsd", 0.2, None)
-    assert cand.attack.poison_rate == default.attack.poison_rate
+    assert cand.attack.poison_rate == old.attack.poison_rate
 
 
 def test_detectors_take_the_scoring_regimes_k():
     default = compose_cfg()
-    assert (default.scoring.batch_size, default.scoring.k) == (1024, 128)
-    assert {default.detector[d].k for d in NEIGHBOURHOOD} == {128}
+    assert (default.scoring.batch_size, default.scoring.k) == (1024, 256)
+    assert {default.detector[d].k for d in NEIGHBOURHOOD} == {256}
     # the paper's k for real data at paper rates, and a small k for the smoke run's 100-batches
     for exp, k in (("cc3m_badnet_dao", 16), ("scan", 16), ("smoke", 16)):
         cfg = compose_cfg([f"+experiment={exp}"])
         assert cfg.scoring.k == k, exp
-    # the uniform world: the poisons join the clean target class's cluster, so k must pass both
-    uniform = compose_cfg(["+experiment=uniform"])
-    assert {uniform.detector[d].k for d in NEIGHBOURHOOD} == {256}
-    assert len(set(uniform.dataset.synthetic.world.class_weights)) == 1
+    # session 16's rare world: k past the poisons of a 1024-batch
+    old = compose_cfg(["+preset=session16"])
+    assert {old.detector[d].k for d in NEIGHBOURHOOD} == {128}
     one = compose_cfg(["detector.dao.k=32"])
-    assert one.detector.dao.k == 32 and one.detector.slof.k == 128
+    assert one.detector.dao.k == 32 and one.detector.slof.k == 256
 
 
 def _run(tmp_path, name, attack, seed, threads, values, schedule=None, weights=(1,) * 7 + (0.08,), data=None,
