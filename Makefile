@@ -43,6 +43,7 @@ bench: setup
 	$(PY) benchmarks/bench_global.py --n $(GLOBAL_N) --nprobe 8
 	$(PY) benchmarks/bench_decompose.py
 	$(PY) benchmarks/bench_pipeline.py
+	$(PY) benchmarks/bench_step.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache
