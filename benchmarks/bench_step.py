@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         w.writerows(rows)
     default = rows[0]["step"]
     lines = [f"# One training step of the tiny ViT ({args.threads} thread{'s' * (args.threads > 1)})", "",
-             f"{dt.date.today()} · {m.get('cpu')} · torch {torch.__version__} · {args.threads} threads · "
+             f"{dt.date.today()} · {m.get('cpu')} · torch {torch.__version__} · {args.threads} thread{'s' * (args.threads > 1)} · "
              f"batch {args.batch} · median of {args.steps} steps · load average at the end "
              f"{os.getloadavg()[0]:.2f} · `benchmarks/bench_step.py --threads {args.threads} --steps {args.steps}`", "",
              "| variant | AdamW | step ms | forward | backward | optimiser | vs default | vision params (M) |",
