@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/bench_gpu.py --device cpu --quick   # the script itself, tiny sizes
 
 1. The pipeline on CUDA with AMP: `benchmarks/bench_pipeline.py --device cuda` for the default
-   (tiny ViT, 10,000 samples) and ViT-B/32 at 224 px — one pretraining epoch and the extract stage
+   (tiny ViT; 20,000 samples since session 17) and ViT-B/32 at 224 px — one pretraining epoch and the extract stage
    against the bare model on the same samples (`model.precision=amp`).
 2. Extraction throughput of the bare image towers, RN50 and ViT-B/32 at 224 px (random weights,
    AMP, batch 256): images/s of `encode_image`.

@@ -1,7 +1,7 @@
 """The pipeline against the bare model (issue 17): extraction and training throughput, and where the
 rest of the time goes.
 
-    .venv/bin/python benchmarks/bench_pipeline.py                       # default (10,000) + ViT-B/32 (256)
+    .venv/bin/python benchmarks/bench_pipeline.py                       # default (20,000 since session 17) + ViT-B/32 (256)
     .venv/bin/python benchmarks/bench_pipeline.py --sizes default --repeats 3
     .venv/bin/python benchmarks/bench_pipeline.py --device cuda         # on a GPU box
 
@@ -61,7 +61,7 @@ from clipbd.utils import derive_seed, machine  # noqa: E402
 SIZES = {
     # seconds-long, for checking the benchmark itself (no claim about the numbers)
     "smoke": ["+experiment=smoke"],
-    # the default experiment as `python -m clipbd.run` runs it (10,000 samples, tiny ViT at 32 px)
+    # the default experiment as `python -m clipbd.run` runs it (20,000 samples since session 17, tiny ViT at 32 px)
     "default": [],
     # ViT-B/32 at 224 px on a few hundred samples (the synthetic 32-px images are resized)
     "vitb32": ["model=vit_b32", "dataset.synthetic.num_train=256", "dataset.synthetic.num_test=64",
