@@ -25,13 +25,17 @@ from pathlib import Path
 
 import open_clip
 import torch
-import torch.nn.functional as F
 import yaml
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from clipbd.models.loss import clip_loss  # noqa: E402
+from clipbd.models.train import make_optimizer, param_groups  # noqa: E402
 from clipbd.utils import machine  # noqa: E402
+
+TRAIN = OmegaConf.create({"lr": 1e-3, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.98, "eps": 1e-6})
 
 VARIANTS = [  # name, vision_cfg changes, optimiser kernel
     ("8x8 patches (default since session 17)", {}, "fused"),
@@ -47,16 +51,18 @@ VARIANTS = [  # name, vision_cfg changes, optimiser kernel
 def time_variant(arch: dict, kernel: str, steps: int, batch: int) -> dict[str, float]:
     torch.manual_seed(0)
     model = open_clip.model.CLIP(**arch)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, **{kernel: True})
+    if kernel == "fused":  # what the pretrain stage builds
+        opt = make_optimizer(model, TRAIN)
+    else:  # the same groups and settings with torch's foreach kernel (session 16's optimiser)
+        opt = torch.optim.AdamW(param_groups(model, TRAIN.weight_decay), lr=TRAIN.lr, betas=(TRAIN.beta1, TRAIN.beta2),
+                                eps=TRAIN.eps, foreach=True)
     size, ctx = arch["vision_cfg"]["image_size"], arch["text_cfg"]["context_length"]
     images, texts = torch.randn(batch, 3, size, size), torch.randint(0, 49408, (batch, ctx))
-    labels = torch.arange(batch)
     parts: dict[str, list[float]] = {"forward": [], "backward": [], "optimiser": []}
     for i in range(steps + 5):
         t0 = time.perf_counter()
         img, txt, scale = model(images, texts)
-        logits = scale * img @ txt.T
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        loss = clip_loss(img, txt, scale)
         t1 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -130,6 +130,31 @@ def test_lr_schedules_cosine_and_wsd():
     assert all(a >= b for a, b in zip(wsd[10:], wsd[11:]))
 
 
+def test_optimiser_is_fused_adamw_with_openclips_groups_and_steps_like_foreach():
+    import torch
+    from omegaconf import OmegaConf
+
+    from clipbd.models.train import make_optimizer, param_groups
+
+    tc = OmegaConf.create({"lr": 1e-2, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.98, "eps": 1e-6})
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    b = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    b.load_state_dict(a.state_dict())
+    opt = make_optimizer(a, tc)
+    assert opt.defaults["fused"] is True and not opt.defaults["foreach"]
+    assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 0.1]  # matrices decay; bias and norm do not
+    ref = torch.optim.AdamW(param_groups(b, 0.1), lr=1e-2, betas=(0.9, 0.98), eps=1e-6, foreach=True)
+    x = torch.randn(16, 8)
+    for _ in range(5):
+        for model, o in ((a, opt), (b, ref)):
+            o.zero_grad()
+            model(x).pow(2).mean().backward()
+            o.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-5)  # AdamW's arithmetic, rounded differently
+
+
 def test_weight_ema_averages_with_warm_up_and_round_trips():
     import torch
 
