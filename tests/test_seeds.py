@@ -40,18 +40,19 @@ def test_the_tiny_default_decays_late_and_the_cc3m_recipe_stays_cosine():
 
 
 STEPS = lambda c: c.dataset.synthetic.num_train // c.train.batch_size * c.train.epochs  # noqa: E731
-SESSION16 = {"num_train": 10000, "class_weights": [1.0] * 7 + [0.08], "patch_size": 4, "epochs": 18, "k": 128}
+SESSION16 = {"num_train": 10000, "num_test": 2000, "class_weights": [1.0] * 7 + [0.08], "patch_size": 4, "epochs": 18, "k": 128}
 
 
 def _settings(cfg) -> dict:
-    return {"num_train": cfg.dataset.synthetic.num_train, "class_weights": [float(w) for w in cfg.dataset.synthetic.world.class_weights],
+    return {"num_train": cfg.dataset.synthetic.num_train, "num_test": cfg.dataset.synthetic.num_test, "class_weights": [float(w) for w in cfg.dataset.synthetic.world.class_weights],
             "patch_size": cfg.model.arch.vision_cfg.patch_size, "epochs": cfg.train.epochs, "k": cfg.scoring.k}
 
 
 def test_the_default_is_the_uniform_world_of_20k_images_with_8px_patches():
     # session 17 (issue 18): the clean reference holds still on this world, in the time of the old default
     default = compose_cfg()
-    assert _settings(default) == {"num_train": 20000, "class_weights": [1.0] * 8, "patch_size": 8, "epochs": 18, "k": 256}
+    assert _settings(default) == {"num_train": 20000, "num_test": 10000, "class_weights": [1.0] * 8, "patch_size": 8,
+                                  "epochs": 18, "k": 256}
     assert STEPS(default) == 312 * 18 == 5616
     assert (default.train.schedule, default.train.decay_fraction, default.train.ema_decay) == ("wsd", 0.2, None)
     assert default.attack.poison_rate == 0.05 and default.attack.patch_size == 8
@@ -65,7 +66,8 @@ def test_experiments_recorded_on_the_session16_default_pin_it(experiment):
     cfg = compose_cfg([f"+experiment={experiment}"])
     own = yaml.safe_load((CONF / "experiment" / f"{experiment}.yaml").read_text())
     expected = dict(SESSION16)
-    expected["num_train"] = (own.get("dataset") or {}).get("synthetic", {}).get("num_train", expected["num_train"])
+    for key in ("num_train", "num_test"):
+        expected[key] = (own.get("dataset") or {}).get("synthetic", {}).get(key, expected[key])
     expected["epochs"] = (own.get("train") or {}).get("epochs", expected["epochs"])
     expected["k"] = (own.get("scoring") or {}).get("k", expected["k"])
     weights = ((own.get("dataset") or {}).get("synthetic", {}).get("world") or {}).get("class_weights", expected["class_weights"])
@@ -107,7 +109,7 @@ def test_detectors_take_the_scoring_regimes_k():
 
 
 def _run(tmp_path, name, attack, seed, threads, values, schedule=None, weights=(1,) * 7 + (0.08,), data=None,
-         patch=None):
+         patch=None, num_test=None):
     run = tmp_path / name
     run.mkdir()
     cfg = {"seed": seed, "attack": {"_target_": f"clipbd.attacks.{attack}.BadNets"} if attack else None,
@@ -120,6 +122,8 @@ def _run(tmp_path, name, attack, seed, threads, values, schedule=None, weights=(
     if data:  # (num_train, epochs)
         cfg["dataset"]["synthetic"]["num_train"] = data[0]
         cfg.setdefault("train", {})["epochs"] = data[1]
+    if num_test:  # the held-out split's size (2,000 before session 18: unlabelled)
+        cfg["dataset"]["synthetic"]["num_test"] = num_test
     if patch:  # the tiny ViT's patch size (4 px: the model of the runs before the label)
         cfg["model"] = {"name": "clipbd-tiny-vit", "arch": {"vision_cfg": {"patch_size": patch}}}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -151,6 +155,10 @@ def test_collector_reports_mean_min_max_per_attack_and_thread_count(tmp_path):
     _run(tmp_path, "p_bn0", "badnets", 0, 2, {"attack/asr": 1.0, "eval/clean_acc": 0.77}, "wsd", None, (20000, 9), 8)
     _run(tmp_path, "p_clean0", None, 0, 2, {"eval/clean_acc": 0.80}, "wsd", None, (20000, 9), 8)
     _run(tmp_path, "p4_clean1", None, 1, 2, {"eval/clean_acc": 0.70}, "wsd", None, (20000, 9), 4)
+    # a larger held-out split is another measurement: grouped and paired apart; 2,000 is unlabelled
+    _run(tmp_path, "t_bn0", "badnets", 0, 2, {"attack/asr": 1.0, "eval/clean_acc": 0.93}, "wsd", None, (20000, 18), 8, 10000)
+    _run(tmp_path, "t_clean0", None, 0, 2, {"eval/clean_acc": 0.92}, "wsd", None, (20000, 18), 8, 10000)
+    _run(tmp_path, "t2k_clean1", None, 1, 2, {"eval/clean_acc": 0.90}, "wsd", None, (20000, 18), 8, 2000)
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(ROOT / "experiments/seeds/collect.py"), str(tmp_path),
                            "--out", str(out)], capture_output=True, text=True, check=True)
@@ -180,9 +188,12 @@ def test_collector_reports_mean_min_max_per_attack_and_thread_count(tmp_path):
     assert "0: +0.020 |" in ema
     assert "| eval/clean_acc | 0.500 |" in blocks[f"attack=none, schedule=wsd, {rare}, threads=2"]
     assert "0: +0.400 |" in blocks[f"cost of attack=badnets in clean accuracy, paired by seed (schedule=wsd, {rare}, threads=2)"]
-    assert sum(b.startswith("cost of") for b in blocks) == 6
+    test10k = blocks["cost of attack=badnets in clean accuracy, paired by seed (schedule=wsd, world=uniform, data=20000x18/test10000, model=patch8, threads=2)"]
+    assert "0: +0.010 |" in test10k
+    assert "1 runs (seeds [1])" in blocks["attack=none, schedule=wsd, world=uniform, data=20000x18, model=patch8, threads=2"]
+    assert sum(b.startswith("cost of") for b in blocks) == 7
     rows = (out / "runs.csv").read_text().splitlines()
-    assert len(rows) == 1 + 18 and rows[0].split(",")[5] == "model"
+    assert len(rows) == 1 + 21 and rows[0].split(",")[5] == "model"
 
 
 @pytest.mark.parametrize("experiment", [[], ["+experiment=natural"]])

@@ -9,7 +9,8 @@ Every directory under the given paths with a `metrics.json` is a run; runs are g
 learning-rate schedule (`train.schedule`; runs from before the option: cosine; wsd's decay fraction
 where not 0.2, and `+emaD` for runs that kept a weight average), the synthetic world's
 class weights (`uniform`, or the weights as given), the training set's size and epochs
-(`data=20000x9`; shown where the config records them), the tiny ViT's patch size where it is not the
+(`data=20000x9`; shown where the config records them; `/test10000` where the held-out split is
+not 2,000 images), the tiny ViT's patch size where it is not the
 4 px of the runs before session 17 (`model=patch8`) and the thread count that trained them
 (`config.yaml`, the pretrain stage's marker), so one table can hold the BadNets and clean seeds, the
 one-thread repeats, both schedules and both worlds. Where a group of an attack and the clean group
@@ -55,10 +56,13 @@ def _world(cfg: dict) -> str:
 
 
 def _data(cfg: dict) -> str:
-    """Training-set size x epochs (`20000x9`), or "" where the config does not say (hand-made rows)."""
-    n = _synthetic(cfg).get("num_train")
-    epochs = (cfg.get("train") or {}).get("epochs")
-    return f"{n}x{epochs}" if n and epochs else ""
+    """Training-set size x epochs (`20000x9`), or "" where the config does not say (hand-made rows),
+    and the held-out split's size where it is not the 2,000 of the runs before session 18
+    (`20000x18/test10000`): accuracies on other test samples are other measurements."""
+    syn = _synthetic(cfg)
+    n, epochs, test = syn.get("num_train"), (cfg.get("train") or {}).get("epochs"), syn.get("num_test")
+    out = f"{n}x{epochs}" if n and epochs else ""
+    return out + (f"/test{test}" if test not in (None, 2000) else "")
 
 
 def _model(cfg: dict) -> str:

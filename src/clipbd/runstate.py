@@ -123,7 +123,9 @@ def output_identity(mod: Any, outputs: dict) -> str | None:
     if not all(p.exists() for p in paths.values()):
         return None
     fn = getattr(mod, "identity", None)
-    return fn(paths) if fn is not None else digest_paths(paths.values())
+    ident = fn(paths) if fn is not None else digest_paths(paths.values())
+    scheme = getattr(mod, "IDENTITY_SCHEME", None)  # what the identity covers, when it changed once
+    return f"{scheme}:{ident}" if scheme else ident
 
 
 def is_complete(cfg: DictConfig, name: str) -> bool:
@@ -170,11 +172,15 @@ def check_stages(cfg: DictConfig) -> None:
 
 
 def _previous_identity(mod: Any, prev: dict | None) -> str | None:
-    """The identity of the outputs an earlier run of the stage left (recorded, or computed from the
-    files for a marker written before identities were recorded)."""
+    """The identity of the outputs an earlier run of the stage left: recorded, or computed from the
+    files (still the earlier run's: this is called before the stage runs again) for a marker written
+    before identities were recorded or by another scheme (a stage's IDENTITY_SCHEME)."""
     if prev is None:
         return None
-    return prev.get("identity") or output_identity(mod, prev.get("outputs", {}))
+    recorded, scheme = prev.get("identity"), getattr(mod, "IDENTITY_SCHEME", None)
+    if recorded and (scheme is None or recorded.startswith(f"{scheme}:")):
+        return recorded
+    return output_identity(mod, prev.get("outputs", {})) or recorded
 
 
 def run_stage(cfg: DictConfig, name: str) -> dict[str, Path]:

@@ -39,6 +39,7 @@ from clipbd.detectors.reference import (
     global_scores,
     resolve_index,
 )
+from clipbd.data.sources import TEST_SPLIT
 from clipbd.registry import ConfigError, build, check_node
 from clipbd.utils import derive_seed, rng
 
@@ -83,7 +84,7 @@ def heldout_bank_keys(cfg: DictConfig) -> tuple[str, ...]:
     uses = getattr(get_object(cfg.scoring.reference._target_), "uses_bank", False)
     if not uses or cfg.scoring.bank_source == "train":
         return ()
-    test = ("dataset.test_shards",) if cfg.scoring.bank_source == "test" else ()
+    test = TEST_SPLIT if cfg.scoring.bank_source == "test" else ()
     return ("scoring.reference", "scoring.bank_source", "scoring.bank_size", "seed") + test
 
 

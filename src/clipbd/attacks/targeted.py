@@ -18,6 +18,7 @@ import torch
 
 from clipbd.attacks import triggers
 from clipbd.attacks.base import Attack, need_state
+from clipbd.data.sources import TEST_SPLIT
 from clipbd.utils import atomic_path
 
 
@@ -25,7 +26,7 @@ class TargetedPoisoning(Attack):
     name = "targeted"
     # config its plan reads through the PlanContext (the poison stage keys them): the test split
     # and its labels, at the model's resolution
-    plan_reads = ("dataset.test_shards", "dataset.label_key", "model")
+    plan_reads = (*TEST_SPLIT, "dataset.label_key", "model")
 
     def __init__(self, poison_rate: float = 0.01, target_class: str = "banana",
                  target_captions: Sequence[str] | None = None, test_index: int | None = None):

@@ -12,6 +12,12 @@ from clipbd.data.shards import ShardIndex, expand_shards
 from clipbd.registry import ConfigError, build
 from clipbd.utils import read_json
 
+# The config the held-out split is made of: the shards given, or the synthetic world (its seed, size
+# and settings) the data stage writes the test split from. Stages that read the split key on these;
+# the data stage's identity (what pretraining sees) is the training index alone, so a changed
+# `dataset.synthetic.num_test` re-writes the split and re-evaluates, and never retrains.
+TEST_SPLIT = ("dataset.test_shards", "dataset.synthetic")
+
 
 def load_index(cfg: DictConfig) -> ShardIndex:
     path = Path(cfg.run_dir) / "data_index.h5"

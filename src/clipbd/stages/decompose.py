@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from clipbd import dist, plots
 from clipbd.data.loader import ShardDataset, make_loader
 from clipbd.data.shards import build_index
-from clipbd.data.sources import class_names, heldout_shards, prompt_fn
+from clipbd.data.sources import TEST_SPLIT, class_names, heldout_shards, prompt_fn
 from clipbd.inspect import CONVENTIONS
 from clipbd.inspect.analysis import analyse, decompose_images, flat_metrics, split_validation
 from clipbd.inspect.textspan import textspan
@@ -31,7 +31,7 @@ from clipbd.registry import ConfigError, build_attack
 from clipbd.rundir import update_metrics
 from clipbd.utils import derive_seed, rng, write_json
 
-DEPENDS = ("decompose", "model", "attack", "dataset.test_shards", "dataset.classes", "dataset.prompts",
+DEPENDS = ("decompose", "model", "attack", *TEST_SPLIT, "dataset.classes", "dataset.prompts",
            "dataset.label_key", "eval.prompts_per_class", "seed")
 NEEDS_MODEL = True  # a trained model: this run's pretraining or model.checkpoint
 UPSTREAM = ("data", "pretrain")

@@ -25,11 +25,12 @@ from clipbd.data.shards import expand_shards
 from clipbd.inspect import decree as D
 from clipbd.inspect.decree_plots import curve_plot, image_row
 from clipbd.models import factory
+from clipbd.data.sources import TEST_SPLIT
 from clipbd.registry import ConfigError, build
 from clipbd.rundir import update_metrics
 from clipbd.utils import atomic_path, derive_seed, read_json, write_json
 
-DEPENDS = ("decree", "model", "attack", "seed")
+DEPENDS = ("decree", "model", "attack", "seed", *TEST_SPLIT)  # the shadow set: decree.shards or the test split
 NEEDS_MODEL = True  # a trained model: this run's pretraining or model.checkpoint
 UPSTREAM = ("data", "pretrain")
 log = logging.getLogger("clipbd")

@@ -13,9 +13,10 @@ from omegaconf import DictConfig
 
 from clipbd import dist
 from clipbd.attacks.encoder import attack_encoder
+from clipbd.data.sources import TEST_SPLIT
 
 # the trigger (attack), the method, the model it starts from, and the before/after evaluation
-DEPENDS = ("encoder_attack", "attack", "model", "eval", "dataset.test_shards", "dataset.classes",
+DEPENDS = ("encoder_attack", "attack", "model", "eval", *TEST_SPLIT, "dataset.classes",
            "dataset.prompts", "dataset.label_key", "seed")
 UPSTREAM = ("data", "poison", "pretrain")
 NEEDS_MODEL = True  # a trained model: this run's pretraining or model.checkpoint (checked first)

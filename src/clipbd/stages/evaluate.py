@@ -11,14 +11,14 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from clipbd import dist, rundir
-from clipbd.data.sources import test_shards
+from clipbd.data.sources import TEST_SPLIT, test_shards
 from clipbd.models import factory
 from clipbd.models.evaluation import evaluate_model
 from clipbd.registry import build_attack
 from clipbd.rundir import update_metrics
 
 # model.*: the weights evaluated when the run did not pretrain (a given checkpoint, e.g. a scan)
-DEPENDS = ("eval", "attack", "model.name", "model.arch", "model.checkpoint", "dataset.test_shards",
+DEPENDS = ("eval", "attack", "model.name", "model.arch", "model.checkpoint", *TEST_SPLIT,
            "dataset.classes", "dataset.prompts", "dataset.label_key", "seed")
 UPSTREAM = ("data", "pretrain")
 NEEDS_MODEL = True  # a trained model: this run's pretraining or model.checkpoint (checked first)

@@ -22,7 +22,7 @@ from clipbd import dist
 from clipbd.registry import build_attack
 from clipbd.data.loader import ShardDataset, make_loader
 from clipbd.data.shards import build_index
-from clipbd.data.sources import class_names, prompt_fn, test_shards
+from clipbd.data.sources import TEST_SPLIT, class_names, prompt_fn, test_shards
 from clipbd.inspect.invert import attack_success, candidate_classes, invert
 from clipbd.models import factory
 from clipbd.models.zeroshot import class_embeddings
@@ -31,7 +31,7 @@ from clipbd.registry import ConfigError
 from clipbd.rundir import update_metrics
 from clipbd.utils import derive_seed, read_json, write_json
 
-DEPENDS = ("invert", "seed", "attack", "dataset.classes", "dataset.prompts", "dataset.label_key", "dataset.test_shards",
+DEPENDS = ("invert", "seed", "attack", "dataset.classes", "dataset.prompts", "dataset.label_key", *TEST_SPLIT,
            "eval.prompts_per_class",
            "model.name", "model.arch", "model.checkpoint")
 NEEDS_MODEL = True  # a trained model: this run's pretraining or model.checkpoint
