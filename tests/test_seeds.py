@@ -237,3 +237,27 @@ def test_averaging_probe_evaluates_each_weight_set_and_plots_the_curve(tmp_path)
     subprocess.run([sys.executable, str(ROOT / "experiments/default/plot_curves.py"), str(out), "--out", str(png)],
                    capture_output=True, text=True, check=True)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_heldout_size_probe_equals_the_pipeline_on_a_larger_split_without_retraining(tmp_path):
+    """experiments/default/heldout_size.py (issue 18, session 18): a run's own split is the prefix of
+    the larger one; the probe's figure is what the pipeline reports once dataset.synthetic.num_test
+    grows, and the pipeline gets there without retraining."""
+    from conftest import run_cli
+
+    run = tmp_path / "run"
+    run_cli("+experiment=smoke", f"hydra.run.dir={run}", "stages=[data,poison,pretrain,evaluate]")
+    trained = (run / "stages" / "pretrain.json").read_text()
+    out = tmp_path / "heldout.csv"
+    subprocess.run([sys.executable, str(ROOT / "experiments/default/heldout_size.py"), str(run), "--num-test", "400",
+                    "--cache", str(tmp_path / "cache"), "--out", str(out)], capture_output=True, text=True, check=True)
+    (row,) = list(csv.DictReader(out.open()))
+    recorded = json.loads((run / "metrics.json").read_text())
+    assert float(row["clean_acc_own"]) == recorded["eval/clean_acc"] and row["n"] == "400"
+    proc = run_cli("+experiment=smoke", f"hydra.run.dir={run}", "stages=[data,poison,pretrain,evaluate]",
+                   "dataset.synthetic.num_test=400")
+    assert "400 test images" in proc.stderr + proc.stdout or "400 test images" in (run / "run.log").read_text()
+    assert (run / "stages" / "pretrain.json").read_text() == trained  # kept, not retrained
+    after = json.loads((run / "metrics.json").read_text())
+    assert after["eval/clean_acc"] == float(row["clean_acc"]) and after["attack/asr"] == float(row["asr"])

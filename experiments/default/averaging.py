@@ -17,7 +17,6 @@ Prints one line per (run, weights); --out writes them as CSV (run, seed, weights
 from __future__ import annotations
 
 import argparse
-import csv
 import re
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ from omegaconf import OmegaConf
 
 from clipbd.models import factory
 from clipbd.models.evaluation import evaluate_model
+from clipbd.utils import write_csv
 
 
 def _epochs(run: Path) -> list[Path]:
@@ -79,10 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"run": run.name, "seed": cfg.seed, "weights": label, "clean_acc": round(acc, 4)})
             print(f"{run.name} (seed {cfg.seed}) {label}: {acc:.4f}", flush=True)
     if args.out:
-        with open(args.out, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(args.out, rows)
     return 0
 
 

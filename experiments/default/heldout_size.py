@@ -19,7 +19,6 @@ the run's own split size, which must equal its metrics.json).
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from clipbd.data.synthetic import world_from_dict, write_split
 from clipbd.models import factory
 from clipbd.models.evaluation import evaluate_model
 from clipbd.registry import build_attack
-from clipbd.utils import read_json
+from clipbd.utils import read_json, write_csv
 
 
 def _sha(path: str | Path) -> str:
@@ -86,11 +85,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['clean_acc']:.4f} on {args.num_test}" + (f", ASR {row['asr']:.4f}" if row["asr"] != "" else ""),
               flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(args.out, rows)
     return 0
 
 
