@@ -38,17 +38,24 @@ def _sha(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def heldout(cfg, root: Path, n: int) -> list[str]:
-    """The run's test split extended to n images (written once per world seed under root)."""
+def heldout(cfg, root: Path, n: int) -> tuple[list[str], list[str]]:
+    """(the run's own test shards, its split extended to n images: written once per world seed under
+    root and checked to begin with the run's own, byte for byte)."""
     syn = cfg.dataset.synthetic
-    out = root / f"seed{syn.seed}_{n}"
     world = world_from_dict(OmegaConf.to_container(syn.world, resolve=True))
-    shards = write_split(out, "test", n, syn.samples_per_shard, syn.seed + 1, world)
+    shards = write_split(root / f"seed{syn.seed}_{n}", "test", n, syn.samples_per_shard, syn.seed + 1, world)
     own = read_json(Path(cfg.run_dir) / "data.json")["test_shards"]
     for mine, theirs in zip(shards, own):
         if _sha(mine) != _sha(theirs):
             raise SystemExit(f"{theirs}: not a prefix of the regenerated split ({mine}); other generator?")
-    return shards
+    return own, shards
+
+
+def _evaluate(cfg, bundle, attack, shards: list[str]) -> tuple[float, float | str]:
+    """(clean accuracy, ASR or "" without an attack) on `shards`, as the evaluate stage computes them."""
+    OmegaConf.update(cfg, "dataset.test_shards", list(shards))
+    m = evaluate_model(cfg, bundle, attack, "cpu")
+    return m["eval/clean_acc"], m.get("attack/asr", "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,17 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = OmegaConf.load(run / "config.yaml")
         OmegaConf.update(cfg, "run_dir", str(run))
         recorded = read_json(run / "metrics.json")
-        shards = heldout(cfg, cache, args.num_test)
+        own, shards = heldout(cfg, cache, args.num_test)
         own_n = cfg.dataset.synthetic.num_test
         bundle = factory.create_trained(cfg, "cpu")
         attack = build_attack(cfg)
         name = str(cfg.attack.get("_target_") or "none").rsplit(".", 1)[-1]
         row = {"run": run.name, "seed": cfg.seed, "attack": name, "n": args.num_test}
-        for label, part in (("own", shards[: -(-own_n // cfg.dataset.synthetic.samples_per_shard)]), ("", shards)):
-            OmegaConf.update(cfg, "dataset.test_shards", list(part))
-            m = evaluate_model(cfg, bundle, attack, "cpu")
-            row[f"clean_acc{'_' + label if label else ''}"] = m["eval/clean_acc"]
-            row[f"asr{'_' + label if label else ''}"] = m.get("attack/asr", "")
+        row["clean_acc_own"], row["asr_own"] = _evaluate(cfg, bundle, attack, own)
+        row["clean_acc"], row["asr"] = _evaluate(cfg, bundle, attack, shards)
         if abs(row["clean_acc_own"] - recorded["eval/clean_acc"]) > 1e-9:
             raise SystemExit(f"{run}: {own_n}-image accuracy {row['clean_acc_own']} is not the recorded "
                              f"{recorded['eval/clean_acc']} (other weights or classifier?)")

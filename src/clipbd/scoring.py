@@ -28,6 +28,7 @@ import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
+from clipbd.data.sources import TEST_SPLIT
 from clipbd.detectors.knn import knn_scores
 from clipbd.detectors.reference import (
     FEATURES,
@@ -39,7 +40,6 @@ from clipbd.detectors.reference import (
     global_scores,
     resolve_index,
 )
-from clipbd.data.sources import TEST_SPLIT
 from clipbd.registry import ConfigError, build, check_node
 from clipbd.utils import derive_seed, rng
 

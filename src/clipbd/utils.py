@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
 import os
@@ -82,8 +83,6 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def write_csv(path: str | os.PathLike, rows: list[dict]) -> None:
     """Rows of one shape as CSV with a header (the first row's keys), written atomically."""
-    import csv
-
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()

@@ -22,10 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 from clipbd import dist, tracking
 from clipbd.data.loader import read_images
 from clipbd.data.shards import expand_shards
+from clipbd.data.sources import TEST_SPLIT
 from clipbd.inspect import decree as D
 from clipbd.inspect.decree_plots import curve_plot, image_row
 from clipbd.models import factory
-from clipbd.data.sources import TEST_SPLIT
 from clipbd.registry import ConfigError, build
 from clipbd.rundir import update_metrics
 from clipbd.utils import atomic_path, derive_seed, read_json, write_json
