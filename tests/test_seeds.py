@@ -11,6 +11,7 @@ import sys
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from conftest import CONF, ROOT, compose_cfg
 
@@ -57,6 +58,14 @@ def test_the_default_is_the_uniform_world_of_20k_images_with_8px_patches():
     assert (default.train.schedule, default.train.decay_fraction, default.train.ema_decay) == ("wsd", 0.2, None)
     assert default.attack.poison_rate == 0.05 and default.attack.patch_size == 8
     assert compose_cfg(["+experiment=seeds"]).scoring.k == 256
+
+
+def test_the_session18_preset_is_the_default_at_18_epochs():
+    # session 19 moved the default to 24 epochs; sessions 17-18's figures were measured at 18
+    old, default = compose_cfg(["+preset=session18"]), compose_cfg()
+    assert STEPS(old) == 312 * 18 == 5616
+    old.train.epochs = default.train.epochs
+    assert OmegaConf.to_container(old) == OmegaConf.to_container(default)
 
 
 @pytest.mark.parametrize("experiment", ["natural", "smoke", "data20k", "uniform", "uniform_20k", "encoder_badencoder",
