@@ -53,8 +53,8 @@ def test_the_default_is_the_uniform_world_of_20k_images_with_8px_patches():
     # session 17 (issue 18): the clean reference holds still on this world, in the time of the old default
     default = compose_cfg()
     assert _settings(default) == {"num_train": 20000, "num_test": 10000, "class_weights": [1.0] * 8, "patch_size": 8,
-                                  "epochs": 24, "k": 256}
-    assert STEPS(default) == 312 * 24 == 7488
+                                  "epochs": 21, "k": 256}
+    assert STEPS(default) == 312 * 21 == 6552
     assert (default.train.schedule, default.train.decay_fraction, default.train.ema_decay) == ("wsd", 0.2, None)
     assert default.attack.poison_rate == 0.05 and default.attack.patch_size == 8
     assert compose_cfg(["+experiment=seeds"]).scoring.k == 256
