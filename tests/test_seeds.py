@@ -270,3 +270,22 @@ def test_heldout_size_probe_equals_the_pipeline_on_a_larger_split_without_retrai
     assert (run / "stages" / "pretrain.json").read_text() == trained  # kept, not retrained
     after = json.loads((run / "metrics.json").read_text())
     assert after["eval/clean_acc"] == float(row["clean_acc"]) and after["attack/asr"] == float(row["asr"])
+
+
+def test_variance_probe_rescores_a_run_at_its_own_setting_as_the_pipeline_scored_it(tmp_path):
+    from conftest import run_cli
+
+    run = tmp_path / "smoke"
+    run_cli("+experiment=smoke", f"hydra.run.dir={run}", "stages=[data,poison,pretrain,extract,reduce,evaluate]")
+    out = tmp_path / "var"
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments/default/variance.py"), str(run), "--grid", "100:16,100:8n",
+                           "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader(out.with_suffix(".csv").open()))
+    assert [(r["batch_size"], r["k"], r["normalised"]) for r in rows] == [("100", "16", "False"), ("100", "8", "True")]
+    metrics = json.loads((run / "metrics.json").read_text())
+    for m in ("dao", "kdist", "slof"):  # the run's own (batch 100, k 16): the probe cuts batches as the pipeline does
+        assert float(rows[0][m]) == pytest.approx(metrics[f"detect/{m}/auroc"], abs=6e-5)
+    bad = subprocess.run([sys.executable, str(ROOT / "experiments/default/variance.py"), str(run), "--grid", "100-16"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--grid item '100-16' is not batch:k" in bad.stderr
