@@ -61,7 +61,7 @@ def test_the_default_is_the_uniform_world_of_20k_images_with_8px_patches():
 
 
 def test_the_session18_preset_is_the_default_at_18_epochs():
-    # session 19 moved the default to 24 epochs; sessions 17-18's figures were measured at 18
+    # session 19 moved the default to 21 epochs; sessions 17-18's figures were measured at 18
     old, default = compose_cfg(["+preset=session18"]), compose_cfg()
     assert STEPS(old) == 312 * 18 == 5616
     old.train.epochs = default.train.epochs
