@@ -203,6 +203,35 @@ def test_collector_reports_mean_min_max_per_attack_and_thread_count(tmp_path):
     assert sum(b.startswith("cost of") for b in blocks) == 7
     rows = (out / "runs.csv").read_text().splitlines()
     assert len(rows) == 1 + 21 and rows[0].split(",")[5] == "model"
+    from PIL import Image
+    with Image.open(out / "seeds.png") as im:  # the strip chart of every run, drawn for a person to read
+        assert im.format == "PNG" and im.size[0] > 500 and im.size[1] > 500
+
+
+def test_the_seed_chart_plots_every_run_of_a_group_and_only_what_differs_between_groups(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("seeds_collect", ROOT / "experiments/seeds/collect.py")
+    collect = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(collect)
+    for seed, (acc, dao) in enumerate([(0.93, 0.99), (0.91, 0.97)]):
+        _run(tmp_path, f"bn{seed}", "badnets", seed, 2, {"attack/asr": 1.0, "detect/dao/auroc": dao,
+                                                        "eval/clean_acc": acc}, "wsd", None)
+        _run(tmp_path, f"cl{seed}", None, seed, 2, {"eval/clean_acc": acc - 0.01}, "wsd", None)
+    _run(tmp_path, "bn0t1", "badnets", 0, 1, {"attack/asr": 1.0, "detect/dao/auroc": 0.96,
+                                              "eval/clean_acc": 0.92}, "wsd", None)
+    rows = [collect.run_row(p.parent) for p in sorted(tmp_path.rglob("metrics.json"))]
+    common, points = collect.plot_points(rows)
+    assert common == "schedule=wsd, world=uniform"
+    acc = dict(points["eval/clean_acc"])
+    assert acc == {"attack=badnets, threads=1": [(0, 0.92)],
+                   "attack=badnets, threads=2": [(0, 0.93), (1, 0.91)],
+                   "attack=none, threads=2": [(0, pytest.approx(0.92)), (1, pytest.approx(0.90))]}
+    # the clean runs have no detector score: the DAO panel holds the BadNets groups only
+    assert dict(points["detect/dao/auroc"]) == {"attack=badnets, threads=1": [(0, 0.96)],
+                                                "attack=badnets, threads=2": [(0, 0.99), (1, 0.97)]}
+    assert collect.plot(rows, tmp_path / "seeds.png") and (tmp_path / "seeds.png").stat().st_size > 10_000
+    assert not collect.plot([], tmp_path / "none.png") and not (tmp_path / "none.png").exists()
 
 
 @pytest.mark.parametrize("experiment", [[], ["+experiment=natural"]])
