@@ -111,6 +111,37 @@ def test_resumed_pretraining_continues_and_counts_earlier_seconds(tmp_path):
     assert not list((run_dir / "stages").glob(".*"))  # no stray files beside the markers
 
 
+def test_branching_from_a_shorter_run_before_its_decay_gives_the_longer_run(tmp_path):
+    import torch
+
+    # wsd over 6 steps an epoch: a 4-epoch run lowers its rate from step 20, a 5-epoch one from 25; both
+    # hold the peak rate through epoch 3 (step 17), so the 4-epoch run's epoch 3 is the 5-epoch run's
+    base = ["+experiment=smoke", "stages=[data,poison,pretrain]", "train.schedule=wsd", "train.checkpoint_every=1"]
+    short, scratch, branched = tmp_path / "e4", tmp_path / "e5", tmp_path / "e5b"
+    run_cli(*base, f"hydra.run.dir={short}", "train.epochs=4")
+    run_cli(*base, f"hydra.run.dir={scratch}", "train.epochs=5")
+    proc = run_cli(*base, f"hydra.run.dir={branched}", "train.epochs=5",
+                   f"train.branch_from={short / 'checkpoints' / 'epoch_3.pt'}")
+    assert "branching from" in proc.stderr and "epoch 3/5" not in proc.stderr and "epoch 4/5" in proc.stderr
+    want = torch.load(scratch / "checkpoints" / "latest.pt", map_location="cpu", weights_only=True)
+    got = torch.load(branched / "checkpoints" / "latest.pt", map_location="cpu", weights_only=True)
+    assert got["stage_key"] == want["stage_key"]  # the branched run is its from-scratch twin, key and all
+    for name, value in want["model"].items():
+        assert torch.allclose(got["model"][name], value, atol=1e-6), name
+    # the loss rows of the borrowed epochs come along: the curve is whole
+    assert (branched / "train_loss.csv").read_text() == (scratch / "train_loss.csv").read_text()
+    assert len(list((branched / "sample_loss").glob("epoch_*.h5"))) == 5
+    # a checkpoint inside the short run's decay is refused before any training, naming the step
+    bad = run_cli(*base, f"hydra.run.dir={tmp_path / 'bad'}", "train.epochs=5",
+                  f"train.branch_from={short / 'checkpoints' / 'epoch_4.pt'}", check=False)
+    assert bad.returncode != 0 and "step 20 of its 24 ran at another learning rate" in bad.stderr
+    assert "epoch 1/5" not in bad.stderr
+    # so is another run: a different seed is a different world and initialisation
+    other = run_cli(*base, f"hydra.run.dir={tmp_path / 'other'}", "train.epochs=5", "seed=1",
+                    f"train.branch_from={short / 'checkpoints' / 'epoch_3.pt'}", check=False)
+    assert other.returncode != 0 and "differs from this one in more than train.epochs" in other.stderr
+
+
 def test_weight_average_resumes_and_is_the_model_later_stages_use(tmp_path):
     import torch
 

@@ -176,6 +176,13 @@ class TrainConfig:
     # fine-tune (He et al.'s threat model: poisoned fine-tuning of a clean model, low lr, few epochs).
     # Part of the stage key: changing it re-trains. Null: train from the seeded random init.
     init_checkpoint: Optional[str] = None
+    # Continue another run's `checkpoints/epoch_N.pt` instead of training its first N epochs again:
+    # that run must be this one but for train.epochs (same data, poisons, model, seed, settings) and
+    # every step before N must have the same learning rate under both lengths (wsd: N before both
+    # decays), so the result is the model training from scratch gives (on the same CPU kind and
+    # threads). Probes of the epoch count then cost only their decay. Not part of the key: a branched
+    # run is the run it equals. Ignored once this run has a `latest.pt` of its own (resuming wins).
+    branch_from: Optional[str] = None
 
 
 @dataclass

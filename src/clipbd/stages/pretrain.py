@@ -3,7 +3,8 @@
 AdamW (no weight decay on gains, biases and the logit scale, as OpenCLIP), linear warmup then cosine
 decay per step (clipbd.models.train), a checkpoint at the end of every epoch (`checkpoints/epoch_N.pt`, `latest.pt`), and
 resumption from `latest.pt` when the stage is re-run after an interruption (or requeued by SLURM).
-`train.ema_decay` keeps an exponential moving average of the weights, which later stages use as the
+`train.branch_from` continues another run's epoch checkpoint where that run is this one but for its
+length and the learning rates agree up to it (`_branch`). `train.ema_decay` keeps an exponential moving average of the weights, which later stages use as the
 trained model. `train.init_checkpoint` starts from a trained model's weights instead of the seeded init: poisoned
 fine-tuning of a clean model (He et al., ICML 2025's threat model) with a low lr and few epochs.
 
@@ -20,6 +21,7 @@ import shutil
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 from omegaconf import DictConfig
@@ -29,18 +31,18 @@ from clipbd.attacks.plan import PoisonLookup
 from clipbd.curation.filter import EXCLUDED_FILE, read_excluded
 from clipbd.data.loader import ShardDataset, batches, by_rank_shards, make_loader
 from clipbd.data.sources import load_index
-from clipbd.detectors.abl import LossRecorder
+from clipbd.detectors.abl import LossRecorder, loss_path
 from clipbd.errors import ConfigError
 from clipbd.models import factory
 from clipbd.models.loss import clip_loss, clip_loss_per_sample
 from clipbd.models.train import WeightEMA, clamp_logit_scale, lr_at, make_optimizer, set_lr
 from clipbd.registry import build_attack
-from clipbd.runstate import note_earlier_seconds, stage_key
+from clipbd.runstate import note_earlier_seconds, read_marker, stage_key
 from clipbd.utils import atomic_path, derive_seed, progress
 
 DEPENDS = ("model", "train", "seed")
 # which epoch files are kept and how far ahead batches are made do not change the model
-UNKEYED = ("train.checkpoint_every", "train.prefetch")
+UNKEYED = ("train.checkpoint_every", "train.prefetch", "train.branch_from")  # a branched run equals its from-scratch twin
 UNKEYED_IF_NULL = ("train.init_checkpoint", "train.ema_decay")  # null (from scratch, no average): earlier runs' keys
 # the exact reading mode is what every run before the option did: keyed only when it is not exact
 # the schedule options came later: at their defaults they keep earlier runs' keys
@@ -69,6 +71,63 @@ def _resume(ckpt_dir: Path, key: str, model, opt, ema: WeightEMA | None = None) 
     earlier = float(state.get("elapsed_s", 0.0))  # absent in checkpoints written before it was recorded
     log.info("resuming from %s (epoch %d done, %.0f s of pretraining before)", latest, state["epoch"], earlier)
     return int(state["epoch"]), earlier
+
+
+def _branch(cfg: DictConfig, key: str, steps_per_epoch: int, model, opt, ema: WeightEMA | None = None) -> int:
+    """Load `train.branch_from` (another run's `epoch_N.pt`) after checking that it is this run's
+    state after N epochs: trained under this config but for `train.epochs` (its stage key, recomputed
+    with the source run's epochs, matches) and at the same learning rate on every one of its steps
+    (lr_at under both totals). Copies the source's loss rows and per-sample losses of those epochs.
+    Returns N, the epochs this run need not train."""
+    from omegaconf import OmegaConf
+
+    tc, path = cfg.train, Path(cfg.train.branch_from)
+    if not path.is_file():
+        raise ConfigError(f"train.branch_from={path}: no such checkpoint file")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "stage_key" not in state or "optimizer" not in state:
+        raise ConfigError(f"train.branch_from={path}: not a clipbd pretraining checkpoint (no optimizer state or key)")
+    epoch, source = int(state["epoch"]), path.parent.parent
+    try:
+        src_epochs = int(OmegaConf.load(source / "config.yaml").train.epochs)
+    except Exception as e:  # noqa: BLE001 - any unreadable config is the same problem
+        raise ConfigError(f"train.branch_from={path}: cannot read the source run's train.epochs from "
+                          f"{source / 'config.yaml'} ({e})") from e
+    twin = OmegaConf.merge(cfg, {"train": {"epochs": src_epochs}})
+    if stage_key(twin, "pretrain") != state["stage_key"]:
+        raise ConfigError(f"train.branch_from={path}: that run differs from this one in more than train.epochs "
+                          f"(data, poisons, model, seed or training settings); branch only from the same run")
+    if not 0 < epoch < tc.epochs:
+        raise ConfigError(f"train.branch_from={path}: epoch {epoch} is not before this run's last epoch ({tc.epochs})")
+    lr = lambda step, total: lr_at(step, tc.lr, tc.warmup_steps, total, tc.schedule, tc.decay_fraction)  # noqa: E731
+    steps = epoch * steps_per_epoch
+    off = [s for s in range(steps) if lr(s, src_epochs * steps_per_epoch) != lr(s, tc.epochs * steps_per_epoch)]
+    if off:
+        raise ConfigError(f"train.branch_from={path}: step {off[0]} of its {steps} ran at another learning rate than "
+                          f"this run's ({tc.schedule}, {src_epochs} vs {tc.epochs} epochs); branch from an epoch "
+                          "before both schedules part (wsd: before the decay)")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    if dist.is_main():
+        run_dir = Path(cfg.run_dir)
+        rows = source / "train_loss.csv"
+        if rows.exists():
+            kept = [ln for ln in rows.read_text().splitlines(keepends=True)[1:] if int(ln.split(",")[1]) <= epoch]
+            with atomic_path(run_dir / "train_loss.csv") as tmp:
+                Path(tmp).write_text("step,epoch,loss,lr\n" + "".join(kept))
+        for e in range(1, epoch + 1):
+            if loss_path(source, e).exists():
+                loss_path(run_dir, e).parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(loss_path(run_dir, e)) as tmp:
+                    shutil.copyfile(loss_path(source, e), tmp)
+                    with h5py.File(tmp, "a") as f:
+                        f.attrs["stage_key"], f.attrs["branched_from"] = key, str(path)
+    trained = (read_marker(source, "pretrain") or {}).get("machine") or {}
+    log.info("branching from %s: epochs 1-%d as trained there%s; training epochs %d-%d here", path, epoch,
+             f" ({trained.get('cpu')}, {trained.get('threads')} threads)" if trained else "", epoch + 1, tc.epochs)
+    return epoch
 
 
 def _save(ckpt_dir: Path, epoch: int, key: str, bundle, opt, *, elapsed_s: float = 0.0, keep: bool = True,
@@ -143,6 +202,8 @@ def main(cfg: DictConfig) -> dict[str, Path]:
     start, earlier_s = _resume(ckpt_dir, key, model, opt, ema)
     if start:
         note_earlier_seconds("pretrain", earlier_s)
+    elif tc.branch_from:
+        start = _branch(cfg, key, steps_per_epoch, model, opt, ema)
     shard_ids = list(range(len(index.shards)))
     if tc.reading == "by_rank":
         by_rank_shards(len(shard_ids), info.world)
