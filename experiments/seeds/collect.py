@@ -104,10 +104,16 @@ def run_row(run: Path) -> dict:
     return row
 
 
-def summary(rows: list[dict]) -> list[str]:
+def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """Runs by (attack, schedule, world, data, model, threads)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["attack"], r["schedule"], r["world"], r["data"], r["model"], r["threads"]), []).append(r)
+    return groups
+
+
+def summary(rows: list[dict]) -> list[str]:
+    groups = _groups(rows)
     lines = []
     for (attack, *recipe), rs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
         seeds = sorted(r["seed"] for r in rs)
@@ -126,10 +132,14 @@ def summary(rows: list[dict]) -> list[str]:
     return lines + paired_cost(groups)
 
 
-def _recipe(schedule: str, world: str, data: str, model: str, threads) -> str:
+def _recipe_parts(schedule: str, world: str, data: str, model: str, threads) -> list[str]:
+    return ([f"schedule={schedule}", f"world={world}"] + ([f"data={data}"] if data else [])
+            + ([f"model={model}"] if model else []) + [f"threads={threads or '?'}"])
+
+
+def _recipe(*recipe) -> str:
     """The group's label past the attack: `schedule=wsd, world=uniform[, data=20000x9][, model=patch8], threads=2`."""
-    return (f"schedule={schedule}, world={world}" + (f", data={data}" if data else "")
-            + (f", model={model}" if model else "") + f", threads={threads or '?'}")
+    return ", ".join(_recipe_parts(*recipe))
 
 
 def paired_cost(groups: dict[tuple, list[dict]]) -> list[str]:
@@ -155,20 +165,13 @@ def paired_cost(groups: dict[tuple, list[dict]]) -> list[str]:
 PANELS = [("eval/clean_acc", "clean accuracy (zero-shot)", None), ("detect/dao/auroc", "DAO AUROC", 0.95)]
 
 
-def _label_parts(attack: str, schedule: str, world: str, data: str, model: str, threads) -> list[str]:
-    return [f"attack={attack}", f"schedule={schedule}", f"world={world}"] + ([f"data={data}"] if data else []) \
-        + ([f"model={model}"] if model else []) + [f"threads={threads or '?'}"]
-
-
 def plot_points(rows: list[dict]) -> tuple[str, dict[str, list[tuple[str, list[tuple[int, float]]]]]]:
     """What `plot` draws: the label parts every group shares, and per panel metric (group label: the
     parts it does not share, [(seed, value), ...]) for every group with that metric, in the summary's
     order; groups without it are left out of that panel."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["attack"], r["schedule"], r["world"], r["data"], r["model"], r["threads"]), []).append(r)
+    groups = _groups(rows)
     keys = sorted(groups, key=lambda k: tuple(map(str, k)))
-    parts = {k: _label_parts(*k) for k in keys}
+    parts = {k: [f"attack={k[0]}", *_recipe_parts(*k[1:])] for k in keys}
     common = [p for p in parts[keys[0]] if all(p in parts[k] for k in keys)] if keys else []
     out: dict[str, list] = {}
     for metric, _, _ in PANELS:

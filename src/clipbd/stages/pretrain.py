@@ -4,9 +4,10 @@ AdamW (no weight decay on gains, biases and the logit scale, as OpenCLIP), linea
 decay per step (clipbd.models.train), a checkpoint at the end of every epoch (`checkpoints/epoch_N.pt`, `latest.pt`), and
 resumption from `latest.pt` when the stage is re-run after an interruption (or requeued by SLURM).
 `train.branch_from` continues another run's epoch checkpoint where that run is this one but for its
-length and the learning rates agree up to it (`_branch`). `train.ema_decay` keeps an exponential moving average of the weights, which later stages use as the
-trained model. `train.init_checkpoint` starts from a trained model's weights instead of the seeded init: poisoned
-fine-tuning of a clean model (He et al., ICML 2025's threat model) with a low lr and few epochs.
+length and the learning rates agree up to it (`_branch`). `train.ema_decay` keeps an exponential
+moving average of the weights, which later stages use as the trained model. `train.init_checkpoint`
+starts from a trained model's weights instead of the seeded init: poisoned fine-tuning of a clean
+model (He et al., ICML 2025's threat model) with a low lr and few epochs.
 
 Under DDP every rank reads the same shuffled sample stream and takes its slice of each global batch
 (`loader.ranks_slice`), and the loss is computed on the features gathered from all ranks: any number
@@ -24,7 +25,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from clipbd import dist, rundir, tracking
 from clipbd.attacks.plan import PoisonLookup
@@ -79,8 +80,6 @@ def _branch(cfg: DictConfig, key: str, steps_per_epoch: int, model, opt, ema: We
     with the source run's epochs, matches) and at the same learning rate on every one of its steps
     (lr_at under both totals). Copies the source's loss rows and per-sample losses of those epochs.
     Returns N, the epochs this run need not train."""
-    from omegaconf import OmegaConf
-
     tc, path = cfg.train, Path(cfg.train.branch_from)
     if not path.is_file():
         raise ConfigError(f"train.branch_from={path}: no such checkpoint file")
@@ -112,11 +111,9 @@ def _branch(cfg: DictConfig, key: str, steps_per_epoch: int, model, opt, ema: We
         ema.load_state_dict(state["ema"])
     if dist.is_main():
         run_dir = Path(cfg.run_dir)
-        rows = source / "train_loss.csv"
-        if rows.exists():
-            kept = [ln for ln in rows.read_text().splitlines(keepends=True)[1:] if int(ln.split(",")[1]) <= epoch]
+        if (source / "train_loss.csv").exists():
             with atomic_path(run_dir / "train_loss.csv") as tmp:
-                Path(tmp).write_text("step,epoch,loss,lr\n" + "".join(kept))
+                Path(tmp).write_text(LOSS_HEAD + "".join(_loss_rows(source / "train_loss.csv", epoch)))
         for e in range(1, epoch + 1):
             if loss_path(source, e).exists():
                 loss_path(run_dir, e).parent.mkdir(parents=True, exist_ok=True)
@@ -147,14 +144,20 @@ def _save(ckpt_dir: Path, epoch: int, key: str, bundle, opt, *, elapsed_s: float
     return path
 
 
+LOSS_HEAD = "step,epoch,loss,lr\n"
+
+
+def _loss_rows(path: Path, epoch: int) -> list[str]:
+    """The rows of `train_loss.csv` at `path` of 1-based epochs up to `epoch`."""
+    return [ln for ln in path.read_text().splitlines(keepends=True)[1:] if int(ln.split(",")[1]) <= epoch]
+
+
 def _append_losses(path: Path, epoch: int, first_step: int, losses: list[float], lrs: list[float]) -> None:
     """One row per optimizer step (step, epoch, loss, lr); an epoch's rows are written once it is done,
     before its checkpoint, replacing rows of this epoch or later that an interrupted attempt left."""
-    kept = []
-    if path.exists() and epoch > 0:
-        kept = [ln for ln in path.read_text().splitlines(keepends=True)[1:] if int(ln.split(",")[1]) <= epoch]
+    kept = _loss_rows(path, epoch) if path.exists() and epoch > 0 else []
     with atomic_path(path) as tmp, open(tmp, "w") as fh:
-        fh.write("step,epoch,loss,lr\n")
+        fh.write(LOSS_HEAD)
         fh.writelines(kept)
         fh.writelines(f"{first_step + i},{epoch + 1},{v!r},{lr!r}\n" for i, (v, lr) in enumerate(zip(losses, lrs)))
 
